@@ -63,12 +63,18 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
         help_text = docs.get(f.name, "")
         if typing.get_origin(kind) is tuple:
             parser.add_argument(
-                flag, dest=f.name, type=_int_tuple, default=default,
+                flag,
+                dest=f.name,
+                type=_int_tuple,
+                default=default,
                 help=f"{help_text} (comma-separated; default: {','.join(map(str, default or ()))})",
             )
         elif kind is bool:
             parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
                 help=help_text,
             )
         elif kind in (int, float, str):
@@ -76,7 +82,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             if typing.get_origin(hints[f.name]) is typing.Literal:
                 choices = list(typing.get_args(hints[f.name]))
             parser.add_argument(
-                flag, dest=f.name, type=kind, default=default, choices=choices,
+                flag,
+                dest=f.name,
+                type=kind,
+                default=default,
+                choices=choices,
                 help=f"{help_text} (default: {default})",
             )
 

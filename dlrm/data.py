@@ -29,8 +29,7 @@ class Rows:
         n = len(self.labels)
         if self.dense.shape[0] != n or self.sparse.shape[0] != n:
             raise ValueError(
-                f"row counts differ: dense {self.dense.shape[0]}, sparse {self.sparse.shape[0]}, "
-                f"labels {n}"
+                f"row counts differ: dense {self.dense.shape[0]}, sparse {self.sparse.shape[0]}, labels {n}"
             )
 
     def __len__(self) -> int:

@@ -60,9 +60,7 @@ def table_configs(schema: FeatureSchema, features: list[int] | None = None) -> l
     ]
 
 
-def build_dlrm(
-    schema: FeatureSchema, config: ModelConfig, *, seed: int = 0, device: str = "cpu"
-) -> DLRM:
+def build_dlrm(schema: FeatureSchema, config: ModelConfig, *, seed: int = 0, device: str = "cpu") -> DLRM:
     """A freshly initialised TorchRec DLRM for ``schema`` (deterministic for ``seed``)."""
     config.check(schema)
     torch.manual_seed(seed)

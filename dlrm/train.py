@@ -173,7 +173,9 @@ def train_world(
     """Train on the world's logs (reusing a finished artifact of the same config)."""
     logs = ensure_world_logs(world_config, artifacts, log=progress)
     schema = load_schema(world_config.schema)
-    key = config_key("world", world_config.key(), schema.to_dict(), asdict(model_config), asdict(train_config))
+    key = config_key(
+        "world", world_config.key(), schema.to_dict(), asdict(model_config), asdict(train_config)
+    )
     path = artifacts / "model" / key
     if is_complete(path):
         if progress:
@@ -234,8 +236,14 @@ def train_criteo(
         "train_seconds": time.perf_counter() - started,
         **record,
     }
-    key = config_key("criteo", str(Path(tsv).resolve()), holdout, schema.to_dict(),
-                     asdict(model_config), asdict(train_config))
+    key = config_key(
+        "criteo",
+        str(Path(tsv).resolve()),
+        holdout,
+        schema.to_dict(),
+        asdict(model_config),
+        asdict(train_config),
+    )
     return _export(artifacts / "model" / key, key, schema, model, model_config, train_config, result, None)
 
 
@@ -279,15 +287,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.criteo is not None:
             schema = load_schema(args.schema or "criteo")
             model_config = from_flags(
-                ModelConfig, args,
-                **({} if args.bottom_mlp != ModelConfig.bottom_mlp else
-                   {"bottom_mlp": (64, schema.embedding_dim)}),
+                ModelConfig,
+                args,
+                **(
+                    {}
+                    if args.bottom_mlp != ModelConfig.bottom_mlp
+                    else {"bottom_mlp": (64, schema.embedding_dim)}
+                ),
             )
-            art = train_criteo(args.criteo, args.artifacts, holdout=args.holdout, schema=schema,
-                               model_config=model_config, train_config=train_config, progress=progress)
+            art = train_criteo(
+                args.criteo,
+                args.artifacts,
+                holdout=args.holdout,
+                schema=schema,
+                model_config=model_config,
+                train_config=train_config,
+                progress=progress,
+            )
         else:
-            art = train_world(WorldConfig.load(args.world), args.artifacts,
-                              from_flags(ModelConfig, args), train_config, progress=progress)
+            art = train_world(
+                WorldConfig.load(args.world),
+                args.artifacts,
+                from_flags(ModelConfig, args),
+                train_config,
+                progress=progress,
+            )
     except (ValueError, FileNotFoundError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

@@ -302,7 +302,8 @@ class World:
             + self.surface_base[s]
             + self.item_pop_logit[it]
             + self.tier_price[self.user_tier[u]] * self.item_log_price_std[it]
-            + beta * (uv * 3.0 + self.seg_cat[self.user_segment[u], cat] + self.hour_cat[req.hour[:, None], cat])
+            + beta
+            * (uv * 3.0 + self.seg_cat[self.user_segment[u], cat] + self.hour_cat[req.hour[:, None], cat])
             + self.surface_cat[s, cat]
             + self.device_price[req.device[:, None], self.item_price_bucket[it]]
         )
@@ -311,7 +312,9 @@ class World:
     def click_prob(self, req: Requests, items: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.click_logit(req, items)))
 
-    def item_value(self, surface: np.ndarray, items: np.ndarray, take_rate: np.ndarray | None = None) -> np.ndarray:
+    def item_value(
+        self, surface: np.ndarray, items: np.ndarray, take_rate: np.ndarray | None = None
+    ) -> np.ndarray:
         """Dollars a click on ``items`` earns in expectation (conversion x price x take rate)."""
         take = self.take_rate if take_rate is None else take_rate
         s = surface[:, None] if items.ndim == 2 else surface

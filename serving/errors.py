@@ -1,0 +1,30 @@
+"""Domain errors, mapped to gRPC status codes in one place (``serving.service``).
+
+::
+
+    ValuerankError
+    ├── InvalidArgument      bad input; names the offending field  -> INVALID_ARGUMENT
+    ├── NotReady             model or index not loaded yet         -> UNAVAILABLE
+    └── DeadlineExceeded     the request's deadline passed         -> DEADLINE_EXCEEDED
+"""
+
+from __future__ import annotations
+
+
+class ValuerankError(Exception):
+    """Base of every error valuerank raises on purpose."""
+
+
+class InvalidArgument(ValuerankError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotReady(ValuerankError):
+    pass
+
+
+class DeadlineExceeded(ValuerankError):
+    pass

@@ -1,0 +1,217 @@
+"""The serving pipeline: validate -> retrieve -> route -> score -> top-k -> record.
+
+It knows nothing of gRPC (the servicer converts at the edge) and sees only the ``Retriever``,
+``Scorer``, ``Router`` and ``RevenueTracker`` interfaces. Faiss and torch run on worker
+threads: retrieval and the cheap path on one pool, the full model behind a micro-batcher on
+another, so a queue of full-path work never delays a cheap answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving.batching import MicroBatcher
+from serving.clock import Clock, MonotonicClock
+from serving.domain import (
+    MAX_CANDIDATES,
+    Candidates,
+    Decision,
+    Outcome,
+    OutcomeReport,
+    Path_,
+    Query,
+    Recommendation,
+    RequestFeatures,
+    ScoreResult,
+    Timings,
+)
+from serving.errors import DeadlineExceeded, InvalidArgument
+from serving.features import FeatureResolver
+from serving.retriever import Retriever
+from serving.revenue import Inference, RevenueTracker
+from serving.router import RouteContext, Router
+from serving.scoring import Scorer
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    default_candidates: int = 500
+    """Candidates retrieved when the request does not say."""
+    max_batch_size: int = 16
+    """Most requests scored together by the full model."""
+    batch_timeout_ms: float = 0.5
+    """How long the batcher waits for more requests after the first one."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_candidates <= MAX_CANDIDATES:
+            raise ValueError(f"{self.default_candidates=} must be in 1..{MAX_CANDIDATES}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"{self.max_batch_size=} must be >= 1")
+        if self.batch_timeout_ms < 0:
+            raise ValueError(f"{self.batch_timeout_ms=} must be >= 0")
+
+
+ScoreJob = tuple[RequestFeatures, Candidates]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        resolver: FeatureResolver,
+        retriever: Retriever,
+        scorers: dict[Path_, Scorer],
+        router: Router,
+        tracker: RevenueTracker,
+        model_version: str,
+        config: PipelineConfig = PipelineConfig(),
+        clock: Clock | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.retriever = retriever
+        self.scorers = scorers
+        self.router = router
+        self.tracker = tracker
+        self.model_version = model_version
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self._light_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vr-light")
+        self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-model")
+        self._batchers: dict[Path_, MicroBatcher[ScoreJob, np.ndarray]] = {}
+        for path, scorer in scorers.items():
+            pool = self._model_pool if path == "full" else self._light_pool
+            self._batchers[path] = MicroBatcher(
+                _batch_fn(scorer),
+                pool,
+                max_batch_size=config.max_batch_size if path == "full" else 1,
+                timeout_s=config.batch_timeout_ms / 1000.0 if path == "full" else 0.0,
+            )
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._light_pool.shutdown(wait=True)
+        self._model_pool.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.tracker.close)
+
+    # -- Recommend ----------------------------------------------------------------------------
+
+    async def recommend(self, query: Query) -> Recommendation:
+        started = self.clock.now()
+        t0 = time.perf_counter()
+        features = self.resolver.resolve(query)
+        n_cand = query.num_candidates or self.config.default_candidates
+        if not 1 <= n_cand <= MAX_CANDIDATES:
+            raise InvalidArgument("num_candidates", f"must be in 1..{MAX_CANDIDATES}, got {n_cand}")
+        if query.k > n_cand:
+            raise InvalidArgument("k", f"k={query.k} exceeds the {n_cand} candidates to retrieve")
+        self._check_deadline(query)
+        loop = asyncio.get_running_loop()
+        ids, scores = await loop.run_in_executor(
+            self._light_pool, self.retriever.retrieve, features.user_vector[None, :], n_cand
+        )
+        candidates = Candidates(ids[0], scores[0])
+        t1 = time.perf_counter()
+
+        left = None if query.deadline is None else query.deadline - self.clock.now()
+        if query.force_path is not None:
+            decision = Decision(query.force_path, "forced", "force_path set by caller")
+        else:
+            decision = self.router.decide(
+                RouteContext(query.request_id, query.surface, features.segment, left)
+            )
+        if decision.path not in self._batchers:
+            raise InvalidArgument("force_path", f"path {decision.path!r} is not served here")
+        t2 = time.perf_counter()
+        self._check_deadline(query)
+        result = await self._batchers[decision.path].submit(
+            (features, candidates), weight=len(candidates.item_ids)
+        )
+        t3 = time.perf_counter()
+
+        top = _top_k(result.value, query.k)
+        compute_ms = result.compute_cpu_s * 1000.0
+        latency_ms = (self.clock.now() - started) * 1000.0
+        self.tracker.record_inference(
+            Inference(query.request_id, features.segment, decision.path, compute_ms, decision.propensity)
+        )
+        self.router.observe(features.segment, decision.path, compute_ms, latency_ms)
+        timings = Timings(
+            retrieve_ms=(t1 - t0) * 1000.0,
+            route_ms=(t2 - t1) * 1000.0,
+            score_ms=(t3 - t2) * 1000.0,
+            queue_ms=result.queue_s * 1000.0,
+            total_ms=(time.perf_counter() - t0) * 1000.0,
+        )
+        return Recommendation(
+            request_id=query.request_id,
+            item_ids=candidates.item_ids[top],
+            scores=result.value[top],
+            path=decision.path,
+            model_version=self.model_version,
+            decision=decision,
+            segment=features.segment,
+            num_candidates=len(candidates.item_ids),
+            timings=timings,
+        )
+
+    # -- Score --------------------------------------------------------------------------------
+
+    async def score(self, query: Query, path: Path_ = "full") -> ScoreResult:
+        t0 = time.perf_counter()
+        features = self.resolver.resolve(query)
+        if not query.item_ids:
+            raise InvalidArgument("item_ids", "at least one item id is required")
+        if len(query.item_ids) > MAX_CANDIDATES:
+            raise InvalidArgument("item_ids", f"at most {MAX_CANDIDATES} items, got {len(query.item_ids)}")
+        ids = np.asarray(query.item_ids, dtype=np.int64)
+        n_items = self.resolver.catalog.n_items
+        bad = ids[(ids < 0) | (ids >= n_items)]
+        if len(bad):
+            raise InvalidArgument("item_ids", f"unknown item id {int(bad[0])} (catalog has 0..{n_items - 1})")
+        if path not in self._batchers:
+            raise InvalidArgument("path", f"path {path!r} is not served here")
+        self._check_deadline(query)
+        candidates = Candidates(ids, np.zeros(len(ids), dtype=np.float32))
+        result = await self._batchers[path].submit((features, candidates), weight=len(ids))
+        total = (time.perf_counter() - t0) * 1000.0
+        return ScoreResult(
+            query.request_id,
+            result.value,
+            path,
+            self.model_version,
+            Timings(score_ms=total, queue_ms=result.queue_s * 1000.0, total_ms=total),
+        )
+
+    # -- Outcomes and stats -------------------------------------------------------------------
+
+    async def report_outcomes(self, outcomes: list[Outcome]) -> OutcomeReport:
+        # The tracker makes outcomes durable (file fsync or Redis) before it returns: off-loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._light_pool, self.tracker.record_outcomes, outcomes)
+
+    def routing_stats(self) -> dict[str, Any]:
+        return {"router": self.router.stats(), "segments": self.tracker.snapshot()}
+
+    def _check_deadline(self, query: Query) -> None:
+        if query.deadline is not None and self.clock.now() >= query.deadline:
+            raise DeadlineExceeded(f"deadline passed before scoring request {query.request_id}")
+
+
+def _batch_fn(scorer: Scorer) -> Any:
+    def run(jobs: list[ScoreJob]) -> list[np.ndarray]:
+        return scorer.score_batch([j[0] for j in jobs], [j[1] for j in jobs])
+
+    return run
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best scores, best first (ties broken by position)."""
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]
