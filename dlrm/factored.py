@@ -56,6 +56,16 @@ class FactoredDLRM(nn.Module):
             item-side tables (default: float copies made by ``split_tables``).
     """
 
+    # Buffers, declared for type checkers (nn.Module.__getattr__ is typed Tensor | Module).
+    w_const: torch.Tensor
+    w_ri_t: torch.Tensor
+    w_ii_t: torch.Tensor
+    b1: torch.Tensor
+    rr_a: torch.Tensor
+    rr_b: torch.Tensor
+    ii_a: torch.Tensor
+    ii_b: torch.Tensor
+
     def __init__(
         self,
         model: DLRM,
@@ -115,8 +125,12 @@ class FactoredDLRM(nn.Module):
         self, dense: torch.Tensor, request_kjt: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Once per request: ``R X n_req X D`` vectors and ``R X H`` first-layer constants."""
-        dense_out = self.bottom_mlp(dense)
         emb = self.request_tables(request_kjt).values().view(-1, self.n_req - 1, self.D)
+        return self.request_state_from(dense, emb)
+
+    def request_state_from(self, dense: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``request_state`` from looked-up request embeddings ``R X (n_req - 1) X D`` (no KJT)."""
+        dense_out = self.bottom_mlp(dense)
         vecs = torch.cat([dense_out.unsqueeze(1), emb], dim=1)
         gram = torch.bmm(vecs, vecs.transpose(1, 2))
         rr = gram[:, self.rr_a, self.rr_b]

@@ -43,6 +43,8 @@ class TrainConfig:
     """Adagrad learning rate for the embedding tables."""
     weight_decay: float = 0.0
     """L2 penalty on the MLP weights."""
+    embedding_weight_decay: float = 0.0
+    """L2 penalty on the embedding rows (Adagrad weight decay): shrinks rarely seen ids."""
     validation: float = 0.1
     """Fraction of the training rows held back to choose the best epoch."""
     seed: int = 0
@@ -114,7 +116,7 @@ def fit(
     # Adagrad is the standard optimiser for embedding rows (each row sees few updates);
     # Adam for the MLPs.
     optimisers = [
-        torch.optim.Adagrad(emb_params, lr=config.embedding_lr),
+        torch.optim.Adagrad(emb_params, lr=config.embedding_lr, weight_decay=config.embedding_weight_decay),
         torch.optim.Adam(dense_params, lr=config.lr, weight_decay=config.weight_decay),
     ]
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -142,8 +144,8 @@ def fit(
             loss.backward()
             for opt in optimisers:
                 opt.step()
-            total += float(loss) * len(labels)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            total += loss.item() * len(labels)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         record: dict[str, Any] = {"epoch": epoch + 1, "train_logloss": total / len(order)}
         if val_rows is not None:
             val = evaluate(model, schema, val_rows)

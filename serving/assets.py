@@ -2,20 +2,27 @@
 
 An index folder (written by ``valuerank index``) holds ``catalog.npz`` / ``catalog.json``
 (see ``embeddings.catalog``), ``items.faiss`` (row i = item id i) and ``manifest.json``.
+Item-side embedding rows are served in process (FBGEMM tables), or from an ``EmbeddingStore``
+(the Redis tier: ``valuerank embeddings push`` first, then ``serve --item-store-config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 
 from dlrm.artifact import ModelArtifact, load_artifact
-from dlrm.factored import FactoredDLRM
+from dlrm.factored import FactoredDLRM, split_tables
 from embeddings.catalog import Catalog
+from embeddings.precision import choose_precision
+from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
+from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
 from serving.clock import Clock
 from serving.domain import Path_
 from serving.features import FeatureResolver
@@ -50,12 +57,31 @@ def build_pipeline(
     *,
     router: Router | None = None,
     tracker: RevenueTracker | None = None,
-    config: PipelineConfig = PipelineConfig(),
+    config: PipelineConfig | None = None,
     clock: Clock | None = None,
     model_threads: int = 1,
+    precision: str = "fp32",
+    item_store: EmbeddingStore | None = None,
 ) -> Pipeline:
+    """The serving pipeline; the full scorer's tables are FBGEMM tables in ``precision``:
+    fp32 | fp16 | int8, or auto (the model's measured choice, ``embeddings.precision``).
+
+    With ``item_store``, the item-side rows come from that store instead (as pushed: fp32 or
+    fp16 rows), read through its hot-row cache within each request's deadline; the store must
+    run on the pipeline's clock, and the caller closes it after the pipeline.
+    """
     schema = assets.model.schema
-    factored = FactoredDLRM(assets.model.load_model(), schema)
+    resolved = choose_precision(assets.model) if precision == "auto" else precision
+    if resolved not in PRECISIONS:
+        raise ValueError(f"{precision=} must be auto or one of {PRECISIONS}")
+    model = assets.model.load_model()
+    tables: tuple[Any, Any]
+    if item_store is None:
+        tables = quant_tables(model, schema, cast(Precision, resolved))
+    else:
+        request, _ = split_tables(model, schema)
+        tables = (quantize_collection(request, cast(Precision, resolved)), store_tables(item_store, assets))
+    factored = FactoredDLRM(model, schema, *tables)
     scorers: dict[Path_, Scorer] = {
         "full": FullScorer(factored, assets.catalog, threads=model_threads),
         "cheap": CheapScorer(assets.catalog),
@@ -67,6 +93,48 @@ def build_pipeline(
         router=router or FixedRouter("full"),
         tracker=tracker or InMemoryTracker(),
         model_version=assets.model.version,
-        config=config,
+        config=config or PipelineConfig(),
         clock=clock,
     )
+
+
+def store_tables(store: EmbeddingStore, assets: ServingAssets) -> StoreBackedTables:
+    """The model's item-side tables read from ``store``; refuses rows of another model version."""
+    schema = assets.model.schema
+    tables = StoreBackedTables.for_schema(store, schema, "item")
+    if tables.dim != schema.embedding_dim:
+        raise ValueError(f"store rows have dim {tables.dim}, the model {schema.embedding_dim}")
+    for meta in getattr(store, "meta", []):  # remote stores record the version that was pushed
+        if meta.version != assets.model.version:
+            raise ValueError(
+                f"table {meta.name} in the store was pushed from model {meta.version}, "
+                f"serving {assets.model.version}: push this model (under its own key prefix)"
+            )
+    return tables
+
+
+def load_store_config(path: Path, *, model_dir: Path | None = None) -> StoreConfig:
+    """The embedding store config in JSON file ``path`` (see ``store_config_from_dict``)."""
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return store_config_from_dict(raw, model_dir=model_dir)
+
+
+def store_config_from_dict(raw: Mapping[str, Any], *, model_dir: Path | None = None) -> StoreConfig:
+    """An embedding store config from JSON: ``{"type": "redis", "port": 6379, "cache_rows": 10000}``
+    (the fields of ``embeddings.store``'s config for that type). A ``memory`` store without an
+    ``artifact`` serves ``model_dir``'s tables."""
+    kind = raw.get("type")
+    if kind not in CONFIGS:
+        raise ValueError(f"store type {kind!r} must be one of {sorted(CONFIGS)}")
+    cls = CONFIGS[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown fields {unknown} for store type {kind!r}; known: {sorted(known)}")
+    values = dict(raw)
+    if kind == "memory" and not values.get("artifact") and model_dir is not None:
+        values["artifact"] = str(model_dir)
+    config: StoreConfig = cls(**values)
+    return config

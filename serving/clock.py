@@ -17,6 +17,14 @@ class MonotonicClock:
         return time.monotonic()
 
 
+class WallClock:
+    """Seconds since the epoch: the time base of state that outlives the process or is shared by
+    replicas (the revenue tracker's decay and expiry), where a monotonic clock would restart."""
+
+    def now(self) -> float:
+        return time.time()
+
+
 class ManualClock:
     """A clock that moves only when told to (Ray Serve's MockTimer idea)."""
 

@@ -47,6 +47,9 @@ class RequestFeatures:
     """float32 ``d``: the retrieval tower's user vector."""
     segment: str
     """Router segment, ``surface/tier``."""
+    deadline: float | None = None
+    """The request's absolute deadline on the pipeline's clock (``Query.deadline``): the item-side
+    embedding store bounds its round trips by it."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@
     ValuerankError
     ├── InvalidArgument      bad input; names the offending field  -> INVALID_ARGUMENT
     ├── NotReady             model or index not loaded yet         -> UNAVAILABLE
+    ├── Unavailable          a dependency (Redis, the outcome log) failed; nothing was
+    │                        acknowledged, so the caller retries   -> UNAVAILABLE
     └── DeadlineExceeded     the request's deadline passed         -> DEADLINE_EXCEEDED
 """
 
@@ -24,6 +26,10 @@ class InvalidArgument(ValuerankError):
 
 class NotReady(ValuerankError):
     pass
+
+
+class Unavailable(ValuerankError):
+    """A backing store could not make the call's effects durable; retrying is safe."""
 
 
 class DeadlineExceeded(ValuerankError):

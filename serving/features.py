@@ -47,12 +47,12 @@ class FeatureResolver:
             card = self.schema.feature(name).cardinality
             if not 0 <= value < card:
                 raise InvalidArgument(f"context.sparse[{name}]", f"id {value} outside [0, {card})")
-        for name, value in query.dense.items():
+        for name, number in query.dense.items():
             if name not in self._known_dense:
                 raise InvalidArgument(
                     f"context.dense[{name}]", f"not a dense feature of schema {self.schema.name}"
                 )
-            if not np.isfinite(value):
+            if not np.isfinite(number):
                 raise InvalidArgument(f"context.dense[{name}]", "must be finite")
 
     def resolve(self, query: Query) -> RequestFeatures:
@@ -84,5 +84,9 @@ class FeatureResolver:
             )
             tier = "new" if tier_value is None else str(int(tier_value))
         return RequestFeatures(
-            sparse=sparse, dense=dense, user_vector=vector, segment=f"{query.surface}/{tier}"
+            sparse=sparse,
+            dense=dense,
+            user_vector=vector,
+            segment=f"{query.surface}/{tier}",
+            deadline=query.deadline,
         )

@@ -196,7 +196,11 @@ class Pipeline:
         return await loop.run_in_executor(self._light_pool, self.tracker.record_outcomes, outcomes)
 
     def routing_stats(self) -> dict[str, Any]:
-        return {"router": self.router.stats(), "segments": self.tracker.snapshot()}
+        stats = {"router": self.router.stats(), "segments": self.tracker.snapshot()}
+        store = self.scorers["full"].store_stats() if "full" in self.scorers else None
+        if store is not None:
+            stats["embedding_store"] = store
+        return stats
 
     def _check_deadline(self, query: Query) -> None:
         if query.deadline is not None and self.clock.now() >= query.deadline:

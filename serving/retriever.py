@@ -33,8 +33,7 @@ class FaissRetriever(Retriever):
         queries = np.ascontiguousarray(user_vectors, dtype=np.float32)
         k = min(k, self.size)
         scores, ids = self.index.search(queries, k)
-        # IVF/HNSW can return fewer than k hits (-1 ids): keep the real ones only.
-        if (ids < 0).any():
-            keep = ids[0] >= 0
-            return ids[:, keep].astype(np.int64), scores[:, keep]
-        return ids.astype(np.int64), scores
+        # IVF/HNSW can return fewer than k hits (-1 ids, always at the end of a row): cut every
+        # row to the shortest row's real hits so the result stays rectangular.
+        valid = int((ids >= 0).sum(axis=1).min()) if ids.size else 0
+        return ids[:, :valid].astype(np.int64), scores[:, :valid]

@@ -1,8 +1,16 @@
 """Routing policies: which scoring path serves a request.
 
-``Router`` is the ABC the pipeline sees. Policies get the request's segment and remaining
-deadline and return a ``Decision`` that says which path and why; they may learn from the
-feedback hooks (latency and compute observed per request).
+``Router`` is the ABC the pipeline sees. Policies get the request's segment, remaining deadline
+and (optionally) its resolved features and retrieved candidates, and return a ``Decision`` that
+says which path and why. They may learn from four feedback hooks, all called by the pipeline:
+
+* ``observe(segment, path, compute_ms, latency_ms)`` after every served request;
+* ``observe_scored(ctx, full_scores)`` after the full path scored a request: the full model's
+  scores of all its candidates, from which a policy can value both paths' slates;
+* ``observe_outcome(segment, path, revenue, propensity)`` for every newly accepted outcome that
+  carries revenue, with the cell and propensity of the request it belongs to.
+
+The concrete policies beyond ``FixedRouter`` live in ``serving.policies`` (``make_router``).
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from serving.domain import Decision, Path_
+import numpy as np
+
+from serving.domain import Candidates, Decision, Path_, RequestFeatures
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,12 @@ class RouteContext:
     segment: str
     deadline_left_s: float | None
     """Seconds until the caller's deadline, or None without one."""
+    request: RequestFeatures | None = None
+    """The resolved request-side inputs (value-aware routing reads its features)."""
+    candidates: Candidates | None = None
+    """The retrieved candidates; their retrieval scores are the cheap path's scores, for free."""
+    k: int = 10
+    """Items the caller will show (the slate whose value routing estimates)."""
 
 
 class Router(ABC):
@@ -32,6 +48,12 @@ class Router(ABC):
 
     def observe(self, segment: str, path: Path_, compute_ms: float, latency_ms: float) -> None:  # noqa: B027
         """Feedback after a request was served (default: ignore)."""
+
+    def observe_scored(self, ctx: RouteContext, full_scores: np.ndarray) -> None:  # noqa: B027
+        """The full model's scores of ``ctx.candidates`` (default: ignore)."""
+
+    def observe_outcome(self, segment: str, path: Path_, revenue: float, propensity: float) -> None:  # noqa: B027
+        """Revenue realised by a request the router served with ``path`` (default: ignore)."""
 
     def stats(self) -> dict[str, Any]:
         return {"policy": self.name}

@@ -7,7 +7,9 @@ the asyncio event loop.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ import torch
 from dlrm.data import single_hot_kjt
 from dlrm.factored import FactoredDLRM
 from embeddings.catalog import Catalog
+from embeddings.store import StoreBackedTables
 from serving.domain import Candidates, Path_, RequestFeatures
 
 
@@ -25,9 +28,18 @@ class Scorer(ABC):
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         """One float32 score array per request, aligned with its candidates."""
 
+    def store_stats(self) -> dict[str, Any] | None:
+        """Counters of the embedding store this scorer reads rows from (None: no store)."""
+        return None
+
 
 class FullScorer(Scorer):
-    """The DLRM, request side computed once per request (``FactoredDLRM``)."""
+    """The DLRM, request side computed once per request (``FactoredDLRM``).
+
+    When the item-side tables are a ``StoreBackedTables`` (the Redis tier), a batch's item
+    lookup is bounded by the earliest deadline of its requests: rows not fetched by then are
+    the store's default rows, counted, so a slow or dead store never fails a request.
+    """
 
     path: Path_ = "full"
 
@@ -35,6 +47,11 @@ class FullScorer(Scorer):
         self.model = model
         self.catalog = catalog
         self.threads = threads
+        tables = model.item_tables
+        self.item_store = tables if isinstance(tables, StoreBackedTables) else None
+        # A snapshot taken on the model thread after each batch: the stats call on the event
+        # loop then never waits for the store's lock, which a lookup holds across its round trip.
+        self._store_stats = None if self.item_store is None else self.item_store.store.stats()
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):
@@ -45,14 +62,26 @@ class FullScorer(Scorer):
         req_sparse = torch.from_numpy(np.stack([r.sparse for r in requests]))
         item_ids = np.concatenate([c.item_ids for c in candidates])
         item_sparse = torch.from_numpy(self.catalog.item_sparse[item_ids])
-        logits = self.model(
-            dense,
-            single_hot_kjt(self.model.request_keys, req_sparse),
-            single_hot_kjt(self.model.item_keys, item_sparse),
-            counts,
-        )
+        with self._item_deadline(requests):
+            logits = self.model(
+                dense,
+                single_hot_kjt(self.model.request_keys, req_sparse),
+                single_hot_kjt(self.model.item_keys, item_sparse),
+                counts,
+            )
+        if self.item_store is not None:
+            self._store_stats = self.item_store.store.stats()
         probs = torch.sigmoid(logits).numpy()
         return list(np.split(probs, np.cumsum(counts)[:-1]))
+
+    def store_stats(self) -> dict[str, Any] | None:
+        return self._store_stats
+
+    def _item_deadline(self, requests: list[RequestFeatures]) -> contextlib.AbstractContextManager[None]:
+        if self.item_store is None:
+            return contextlib.nullcontext()
+        deadlines = [r.deadline for r in requests if r.deadline is not None]
+        return self.item_store.deadline(min(deadlines) if deadlines else None)
 
 
 class CheapScorer(Scorer):

@@ -1,0 +1,187 @@
+"""Score every logged request with both paths and price both slates from the ground truth.
+
+For each request of the world's replay log (time order): resolve its features with the serving
+``FeatureResolver``, retrieve ``K`` candidates from the Faiss index, score them with the full
+path (``FullScorer``, micro-batches of ``batch`` requests like the pipeline's batcher) and the
+cheap path (``CheapScorer``, one request at a time like the pipeline), and take each path's
+top-k. Costs are measured live: ``time.thread_time`` around each scorer call, a request's cost
+being its share of its batch (as ``MicroBatcher`` reports ``compute_cpu_s``). Revenue is
+counterfactual: ``World.expected_revenue`` of each slate (exact expectation under the
+position-bias model), plus one realised draw per slate (``World.sample_outcomes``, seeded) that
+online policies learn from, as they would from reported outcomes in production.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from dlrm.factored import FactoredDLRM
+from dlrm.schema import FeatureSchema
+from dlrm.world import Requests, World
+from serving.assets import ServingAssets
+from serving.domain import Candidates, Path_, Query, RequestFeatures
+from serving.features import FeatureResolver
+from serving.retriever import FaissRetriever
+from serving.scoring import CheapScorer, FullScorer
+
+
+@dataclass
+class ScoredLog:
+    """``n`` requests in time order, each scored by both paths."""
+
+    requests: Requests
+    surface_names: list[str]
+    """Surface name per request."""
+    segments: list[str]
+    """Router segment (``surface/tier``) per request."""
+    features: list[RequestFeatures]
+    candidates: list[Candidates]
+    full_scores: list[np.ndarray]
+    """The full model's click probabilities of each request's candidates."""
+    expected_revenue: dict[Path_, np.ndarray]
+    """Ground-truth expected dollars of each path's slate, per request."""
+    realised_revenue: dict[Path_, np.ndarray]
+    """One seeded draw of the dollars each path's slate earned, per request."""
+    cost_ms: dict[Path_, np.ndarray]
+    """Measured CPU ms of scoring each request on each path."""
+    retrieval_ms: float
+    """Median CPU ms of one single-query retrieval (common to both paths)."""
+    k: int
+    """Slate size."""
+    schema: FeatureSchema
+    item_values: np.ndarray
+    """Price per item id: a catalog attribute any shop knows, which value-aware routing reads."""
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    @property
+    def uplift(self) -> np.ndarray:
+        """True per-request uplift of the full path (what only the oracle may read)."""
+        return self.expected_revenue["full"] - self.expected_revenue["cheap"]
+
+
+def score_log(
+    world: World,
+    assets: ServingAssets,
+    requests: Requests,
+    *,
+    candidates: int,
+    batch: int,
+    seed: int,
+    progress: bool = False,
+) -> ScoredLog:
+    schema = assets.model.schema
+    catalog = assets.catalog
+    resolver = FeatureResolver(schema, catalog)
+    n = len(requests)
+    names = [world.surface_names[s] for s in requests.surface]
+    features = [resolver.resolve(q) for q in _queries(world, schema, requests, names, candidates)]
+    segments = [f.segment for f in features]
+
+    retriever = FaissRetriever(assets.index)
+    user_vectors = np.stack([f.user_vector for f in features])
+    cands: list[Candidates] = []
+    for start in range(0, n, 512):
+        ids, scores = retriever.retrieve(user_vectors[start : start + 512], candidates)
+        cands.extend(Candidates(i, s) for i, s in zip(ids, scores, strict=True))
+    retrieval_ms = _median_single_query_ms(retriever, user_vectors, candidates)
+
+    full = FullScorer(FactoredDLRM(assets.model.load_model(), schema), catalog, threads=1)
+    cheap = CheapScorer(catalog)
+    full_scores: list[np.ndarray] = []
+    cost_full = np.zeros(n)
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        t0 = time.thread_time()
+        full_scores.extend(full.score_batch(features[start:stop], cands[start:stop]))
+        spent = (time.thread_time() - t0) * 1000.0
+        weights = np.array([len(c.item_ids) for c in cands[start:stop]], dtype=np.float64)
+        cost_full[start:stop] = spent * weights / weights.sum()
+        if progress and (start // batch) % 200 == 0:
+            print(f"replay: scored {stop}/{n} requests with both paths", flush=True)
+    cheap_scores: list[np.ndarray] = []
+    cost_cheap = np.zeros(n)
+    for i in range(n):
+        t0 = time.thread_time()
+        cheap_scores.extend(cheap.score_batch([features[i]], [cands[i]]))
+        cost_cheap[i] = (time.thread_time() - t0) * 1000.0
+
+    k = world.config.slate_size
+    slates = {
+        "full": np.stack([c.item_ids[_top(s, k)] for c, s in zip(cands, full_scores, strict=True)]),
+        "cheap": np.stack([c.item_ids[_top(s, k)] for c, s in zip(cands, cheap_scores, strict=True)]),
+    }
+    rng = np.random.default_rng(seed)
+    expected: dict[Path_, np.ndarray] = {}
+    realised: dict[Path_, np.ndarray] = {}
+    for path in ("full", "cheap"):
+        expected[path] = world.expected_revenue(requests, slates[path])
+        events = world.sample_outcomes(requests, slates[path], rng)
+        realised[path] = np.array([sum(e[2] for e in evs) for evs in events])
+    return ScoredLog(
+        requests=requests,
+        surface_names=names,
+        segments=segments,
+        features=features,
+        candidates=cands,
+        full_scores=full_scores,
+        expected_revenue=expected,
+        realised_revenue=realised,
+        cost_ms={"full": cost_full, "cheap": cost_cheap},
+        retrieval_ms=retrieval_ms,
+        k=k,
+        schema=schema,
+        item_values=world.item_price,
+    )
+
+
+def _queries(
+    world: World, schema: FeatureSchema, requests: Requests, names: list[str], n_cand: int
+) -> list[Query]:
+    """The Recommend calls a feed service would have made for the logged requests: the context
+    (hour, device, session) comes with the call; user features come from the catalog."""
+    sparse = world.request_sparse(requests)
+    dense = world.dense_features(requests)
+    context_sparse = [f.name for f in schema.sparse if f.side == "context" and f.name != "surface"]
+    context_dense = [(j, f.name) for j, f in enumerate(schema.dense) if f.side == "context"]
+    out = []
+    for i in range(len(requests)):
+        out.append(
+            Query(
+                request_id=f"replay-{i}",
+                user_id=int(requests.user[i]),
+                surface=names[i],
+                sparse={name: int(sparse[name][i]) for name in context_sparse},
+                dense={name: float(dense[i, j]) for j, name in context_dense},
+                k=world.config.slate_size,
+                num_candidates=n_cand,
+            )
+        )
+    return out
+
+
+def _median_single_query_ms(retriever: FaissRetriever, user_vectors: np.ndarray, k: int) -> float:
+    # One OpenMP thread, so that the calling thread's CPU time is all the search's CPU time.
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        times = []
+        for vec in user_vectors[: min(200, len(user_vectors))]:
+            t0 = time.thread_time()
+            retriever.retrieve(vec[None, :], k)
+            times.append((time.thread_time() - t0) * 1000.0)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.median(times)) if times else 0.0
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best scores, best first (ties broken by position), as the pipeline."""
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return part[np.lexsort((part, -scores[part]))]

@@ -1,0 +1,277 @@
+"""`valuerank replay`: offline replay of routing policies on the world's replay log, in-process.
+
+Every logged request is retrieved and scored with both paths (costs measured live), both slates
+are priced from the world's ground truth, and then each policy runs over the requests in time
+order (``loadtest.policy_sim``):
+
+* ``always_full`` (one large model for all), ``always_cheap``;
+* ``static_tiers`` (the configured per-surface table) and ``static_tiers@B``, the best per-surface
+  table that fits budget B (B = share of always-full's compute);
+* ``value_aware@B``: the online router of ``serving.policies``, learning from scratch during the
+  day (exploration, realised outcomes, measured costs), with its controller holding budget B;
+* ``oracle@B``: knows every request's true uplift and gives the full path to the highest ones.
+
+With ``--log PATH`` it instead estimates, from a decision/outcome log written by a server
+(``serving.decision_log``), what each policy would have earned: inverse-propensity and doubly
+robust estimates (``loadtest.offpolicy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlrm.configs import add_flags, from_flags
+from dlrm.world import World, WorldConfig
+from loadtest.counterfactual import ScoredLog, score_log
+from loadtest.policy_sim import (
+    LoadModel,
+    PolicyRun,
+    arrival_times,
+    best_static_tables,
+    oracle_mask,
+    run_mask,
+    run_router,
+    summarise,
+    table_mask,
+)
+from serving.clock import ManualClock
+from serving.controller import ControllerConfig
+from serving.policies import StaticTiersConfig, ValueAwareConfig, make_router
+
+DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    requests: int = 0
+    """Requests of the replay log to use, from its start (0: all)."""
+    candidates: int = 200
+    """Candidates retrieved and scored per request."""
+    batch: int = 16
+    """Requests per full-path scoring call (the pipeline's micro-batch size)."""
+    seed: int = 0
+    """Seed of the realised outcomes and of the routers' exploration."""
+    window_requests: int = 200
+    """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
+
+    def __post_init__(self) -> None:
+        if self.requests < 0:
+            raise ValueError(f"{self.requests=} must be >= 0")
+        if not 1 <= self.candidates <= 10_000:
+            raise ValueError(f"{self.candidates=} must be in 1..10000")
+        if self.batch < 1:
+            raise ValueError(f"{self.batch=} must be >= 1")
+        if self.window_requests < 0:
+            raise ValueError(f"{self.window_requests=} must be >= 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="valuerank replay", description=__doc__)
+    parser.add_argument("--world", type=Path, default=None, help="world config file (default: bundled)")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts folder")
+    parser.add_argument("--index", type=Path, default=None, help="index folder (default: built/reused)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--budgets", type=_budgets, default=DEFAULT_BUDGETS, help="comma-separated shares")
+    parser.add_argument("--plot", type=Path, default=None, help="write the revenue-vs-compute PNG here")
+    parser.add_argument("--log", type=Path, default=None, help="estimate policies from a live JSONL log")
+    parser.add_argument(
+        "--write-log", type=Path, default=None, help="write value_aware@0.5's decisions as a JSONL log"
+    )
+    add_flags(parser, ReplayConfig)
+    add_flags(parser, LoadModel)
+    add_flags(parser, ValueAwareConfig)
+    add_flags(parser, ControllerConfig, skip=("budget_share",))
+    args = parser.parse_args(argv)
+    try:
+        if args.log is not None:
+            from loadtest.offpolicy import evaluate_log
+
+            result = evaluate_log(args.log)
+        else:
+            result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"replay: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=None if args.json else 2) if args.json else format_report(result))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = from_flags(ReplayConfig, args)
+    load = from_flags(LoadModel, args)
+    progress = not args.json or sys.stderr.isatty()
+    world_config = WorldConfig.load(args.world)
+    log = build_scored_log(world_config, args.artifacts, args.index, config, progress=progress)
+    controller = from_flags(ControllerConfig, args)
+    value_aware = from_flags(ValueAwareConfig, args, controller=controller)
+    result = replay(log, load, value_aware, config, args.budgets, StaticTiersConfig())
+    result["world"] = {"key": world_config.key(), "file": str(args.world) if args.world else "bundled"}
+    if args.plot is not None:
+        from loadtest.plot import plot_curves
+
+        plot_curves(result, args.plot)
+        result["plot"] = str(args.plot)
+    if args.write_log is not None:
+        from loadtest.offpolicy import write_replay_log
+
+        runs = result["_runs"]
+        nearest = min(args.budgets, key=lambda b: abs(b - 0.5))
+        write_replay_log(log, runs[f"value_aware@{nearest:g}"], args.write_log)
+        result["log"] = str(args.write_log)
+    result.pop("_runs", None)
+    return result
+
+
+def build_scored_log(
+    world_config: WorldConfig,
+    artifacts: Path,
+    index_dir: Path | None,
+    config: ReplayConfig,
+    *,
+    progress: bool,
+) -> ScoredLog:
+    """Train (or reuse) the model and index of ``world_config`` and score its replay log."""
+    from dlrm.synth import ensure_world_logs
+    from dlrm.train import train_world
+    from serving.assets import ServingAssets
+
+    world = World(world_config)
+    logs = ensure_world_logs(world_config, artifacts, world=world, log=progress)
+    model = train_world(world_config, artifacts, progress=progress)
+    if index_dir is None:
+        from embeddings.index_stage import IndexConfig, TwoTowerConfig, ensure_index
+
+        index_dir = ensure_index(world_config, artifacts, IndexConfig(), TwoTowerConfig(), progress=progress)
+    assets = ServingAssets.load(model.path, index_dir)
+    requests = logs.replay
+    if config.requests:
+        requests = requests.take(slice(0, config.requests))
+    return score_log(
+        world,
+        assets,
+        requests,
+        candidates=config.candidates,
+        batch=config.batch,
+        seed=config.seed,
+        progress=progress,
+    )
+
+
+def replay(
+    log: ScoredLog,
+    load: LoadModel,
+    value_aware: ValueAwareConfig,
+    config: ReplayConfig,
+    budgets: tuple[float, ...],
+    static: StaticTiersConfig,
+) -> dict[str, Any]:
+    """Run every policy over ``log``; the result's ``policies`` maps names to their summaries."""
+    times = arrival_times(log, load)
+    if config.window_requests and len(log) > 1:
+        window_s = config.window_requests * float(times[-1] - times[0]) / len(log)
+        value_aware = dataclasses.replace(
+            value_aware, controller=dataclasses.replace(value_aware.controller, window_s=max(window_s, 1e-6))
+        )
+    schema_item_values = log.item_values
+    runs: dict[str, PolicyRun] = {}
+    runs["always_full"] = run_mask(log, "always_full", np.ones(len(log), dtype=bool), times, load)
+    runs["always_cheap"] = run_mask(log, "always_cheap", np.zeros(len(log), dtype=bool), times, load)
+    runs["static_tiers"] = run_mask(log, "static_tiers", table_mask(log, static.full_surfaces), times, load)
+    tables = best_static_tables(log, budgets)
+    for b in budgets:
+        runs[f"static_tiers@{b:g}"] = run_mask(
+            log, f"static_tiers@{b:g}", table_mask(log, tables[b]), times, load
+        )
+        runs[f"oracle@{b:g}"] = run_mask(log, f"oracle@{b:g}", oracle_mask(log, b), times, load)
+        cfg = dataclasses.replace(
+            value_aware, controller=dataclasses.replace(value_aware.controller, budget_share=b)
+        )
+
+        def make(clock: ManualClock, cfg: ValueAwareConfig = cfg) -> Any:
+            return make_router(
+                "value_aware", cfg, clock, config.seed, schema=log.schema, item_values=schema_item_values
+            )
+
+        runs[f"value_aware@{b:g}"] = run_router(log, f"value_aware@{b:g}", make, times, load)
+    policies = {name: summarise(log, r, load) for name, r in runs.items()}
+    for name, r in runs.items():
+        if r.router_stats:
+            policies[name]["router"] = _router_summary(r.router_stats)
+    full_rev = policies["always_full"]["revenue"]
+    checks: dict[str, Any] = {"value_aware_over_always_full": {}, "value_aware_over_static": {}}
+    checks["value_aware_over_oracle"] = {}
+    for b in budgets:
+        va = policies[f"value_aware@{b:g}"]["revenue"]
+        checks["value_aware_over_always_full"][f"{b:g}"] = va / full_rev if full_rev else float("nan")
+        st = policies[f"static_tiers@{b:g}"]["revenue"]
+        checks["value_aware_over_static"][f"{b:g}"] = va / st if st else float("nan")
+        orc = policies[f"oracle@{b:g}"]["revenue"]
+        checks["value_aware_over_oracle"][f"{b:g}"] = va / orc if orc else float("nan")
+    return {
+        "requests": len(log),
+        "candidates": config.candidates,
+        "slate_size": log.k,
+        "costs": {
+            "full_ms_per_request": float(log.cost_ms["full"].mean()),
+            "cheap_ms_per_request": float(log.cost_ms["cheap"].mean()),
+            "full_over_cheap": float(log.cost_ms["full"].mean() / max(log.cost_ms["cheap"].mean(), 1e-9)),
+            "retrieval_ms_per_request": log.retrieval_ms,
+            "full_batch": config.batch,
+        },
+        "load_model": {
+            **dataclasses.asdict(load),
+            "day_seconds": float(times[-1] - times[0]) if len(times) else 0.0,
+        },
+        "static_tables": {f"{b:g}": list(tables[b]) for b in budgets}
+        | {"static_tiers": list(static.full_surfaces)},
+        "policies": policies,
+        "checks": checks,
+        "_runs": runs,
+    }
+
+
+def _router_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "lambda": stats.get("lambda"),
+        "cost_ms": stats.get("cost_ms"),
+        "value_model": stats.get("value_model"),
+        "explored": sum(s["explored"] for s in stats.get("segments", {}).values()),
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    if "estimates" in result:  # a live-log evaluation
+        return json.dumps(result, indent=2)
+    lines = [
+        f"replay of {result['requests']} requests, {result['candidates']} candidates, "
+        f"full {result['costs']['full_ms_per_request']:.3f} ms vs cheap "
+        f"{result['costs']['cheap_ms_per_request']:.4f} ms per request "
+        f"({result['costs']['full_over_cheap']:.0f}x)",
+        "",
+        f"{'policy':<22}{'revenue':>10}{'rev/inf':>10}{'compute':>9}{'full':>7}{'p50 ms':>8}{'p99 ms':>8}",
+    ]
+    for name, p in result["policies"].items():
+        lines.append(
+            f"{name:<22}{p['revenue']:>10.2f}{p['revenue_per_inference']:>10.5f}"
+            f"{p['compute_share']:>9.2f}{p['full_share']:>7.2f}{p['latency_p50_ms']:>8.2f}{p['latency_p99_ms']:>8.2f}"
+        )
+    lines += ["", json.dumps(result["checks"], indent=2)]
+    return "\n".join(lines)
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares, got {text!r}") from exc
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be in (0, 1], got {text!r}")
+    return values

@@ -1,0 +1,51 @@
+"""An asyncio client of the Recommender that speaks domain types (tools, load generator, demo).
+
+Errors arrive as ``grpc.aio.AioRpcError`` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from serving import convert
+from serving.domain import Outcome, OutcomeReport, Path_, Query, Recommendation, ScoreResult
+from serving.service import stub
+
+
+class RecommenderClient:
+    def __init__(self, target: str, options: list[tuple[str, Any]] | None = None) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = stub(self._channel)
+
+    async def __aenter__(self) -> RecommenderClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def recommend(self, query: Query, timeout_s: float | None = None) -> Recommendation:
+        resp = await self._stub.Recommend(convert.query_request(query), timeout=timeout_s)
+        return convert.recommendation(resp)
+
+    async def score(self, query: Query, path: Path_ = "full", timeout_s: float | None = None) -> ScoreResult:
+        resp = await self._stub.Score(convert.score_request(query, path), timeout=timeout_s)
+        return convert.score_result(resp)
+
+    async def report_outcomes(self, outcomes: list[Outcome], timeout_s: float | None = None) -> OutcomeReport:
+        resp = await self._stub.ReportOutcomes(convert.outcomes_request(outcomes), timeout=timeout_s)
+        return convert.outcome_report(resp)
+
+    async def routing_stats(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The server's full routing snapshot (the response's ``json`` field, parsed)."""
+        resp = await self._stub.GetRoutingStats(convert.routing_stats_request(), timeout=timeout_s)
+        return dict(json.loads(resp.json))

@@ -1,0 +1,98 @@
+"""`valuerank serve`: run the gRPC Recommender until SIGINT or SIGTERM.
+
+Serve a model and an index folder (``--model DIR --index DIR``), or the world's artifacts
+(``--artifacts DIR [--world FILE]``), which are trained and built first when missing. The
+port opens at once with health NOT_SERVING; ``serving on HOST:PORT`` is printed (stdout,
+flushed) once the model and index are loaded and health is SERVING. A signal stops the
+server gracefully: health NOT_SERVING, in-flight calls finish within ``--grace-s``.
+``--item-store-config store.json`` serves the item-side embeddings from the Redis tier (pushed
+first by ``valuerank embeddings push``); GetRoutingStats then reports the store's counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dlrm.configs import add_flags, from_flags
+from dlrm.train import train_world
+from dlrm.world import WorldConfig
+from serving.assets import ServingAssets, load_store_config
+from serving.server import ServeConfig, start_server
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="valuerank serve", description=__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="model artifact folder")
+    parser.add_argument("--index", type=Path, default=None, help="index folder (catalog + Faiss index)")
+    parser.add_argument(
+        "--artifacts", type=Path, default=Path("artifacts"), help="artifacts folder (without --model/--index)"
+    )
+    parser.add_argument("--world", type=Path, default=None, help="world config file (default: bundled)")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_flags(parser, ServeConfig)
+    args = parser.parse_args(argv)
+    if (args.model is None) != (args.index is None):
+        parser.error("--model and --index go together (or give neither, to use --artifacts)")
+    try:
+        config = from_flags(ServeConfig, args)
+        world = None if args.model is not None else WorldConfig.load(args.world)
+        if config.item_store_config is not None:
+            load_store_config(Path(config.item_store_config))  # a bad file fails now, not at load
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
+    # The root logger may have a handler already (torch installs one): then only our level is set.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("serving").setLevel(args.log_level.upper())
+
+    def load() -> ServingAssets:
+        if world is None:
+            return ServingAssets.load(args.model, args.index)
+        return _world_assets(world, args.artifacts)
+
+    return asyncio.run(_serve(load, config))
+
+
+async def _serve(load: Callable[[], ServingAssets], config: ServeConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server = await start_server(load, config)
+    except OSError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
+    ready = asyncio.ensure_future(server.wait_ready())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if ready.done():
+        if ready.exception() is not None:
+            print(f"serve: error: loading failed: {ready.exception()}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"serving on {server.address}", flush=True)
+            await stopping
+    log.info("stopping (grace %.1f s)", config.grace_s)
+    ready.cancel()
+    stopping.cancel()
+    await server.stop()
+    return code
+
+
+def _world_assets(world: WorldConfig, artifacts: Path) -> ServingAssets:
+    # Imported here: only this mode needs the index stage (and its retrieval towers).
+    from embeddings.index_stage import ensure_index
+
+    model = train_world(world, artifacts)
+    index_dir = ensure_index(world, artifacts)
+    return ServingAssets.load(model.path, index_dir)

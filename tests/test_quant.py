@@ -1,0 +1,203 @@
+"""Quantized serving tables (FBGEMM TBE via TorchRec's quant EBC) and the precision choice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+from torchrec.modules.embedding_configs import DataType
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm.artifact import ModelArtifact, load_artifact
+from dlrm.data import Rows, single_hot_kjt
+from dlrm.factored import FactoredDLRM, split_tables
+from embeddings.precision import (
+    PRECISION_FILE,
+    PrecisionConfig,
+    cheapest_within,
+    choose_precision,
+    held_out_rows,
+    load_or_measure,
+)
+from embeddings.quant import PRECISIONS, quant_tables, quantize_collection, table_bytes
+from loadtest import cli
+from serving.assets import ServingAssets, build_pipeline
+from serving.server import ServeConfig
+
+if TYPE_CHECKING:
+    from conftest import ServingFolder
+
+FAST = PrecisionConfig(rows=2000, lookup_batch=512, lookup_repeats=3)
+
+
+@pytest.fixture(scope="module")
+def trained(serving_assets: ServingFolder) -> ModelArtifact:
+    return load_artifact(serving_assets.model_dir)
+
+
+@pytest.fixture
+def artifact_copy(serving_assets: ServingFolder, tmp_path: Path) -> ModelArtifact:
+    """The tiny model in a fresh ``<artifacts>/model/<key>`` with its world's held-out rows beside it."""
+    model_dir = tmp_path / "model" / serving_assets.model_dir.name
+    shutil.copytree(serving_assets.model_dir, model_dir)
+    (model_dir / PRECISION_FILE).unlink(missing_ok=True)  # a server in this session may have written one
+    world_key = serving_assets.world_config.key()
+    world = tmp_path / "world" / world_key
+    world.mkdir(parents=True)
+    shutil.copy(serving_assets.model_dir.parent.parent / "world" / world_key / "test.npz", world)
+    return load_artifact(model_dir)
+
+
+def _inputs(art: ModelArtifact, n: int) -> tuple[torch.Tensor, KeyedJaggedTensor, KeyedJaggedTensor]:
+    rows = held_out_rows(art)
+    assert rows is not None
+    schema = art.schema
+    req, item = schema.side_indices("user", "context"), schema.side_indices("item")
+    sparse = torch.from_numpy(rows.sparse[:n])
+    return (
+        torch.from_numpy(rows.dense[:n]),
+        single_hot_kjt([schema.sparse[i].name for i in req], sparse[:, req].contiguous()),
+        single_hot_kjt([schema.sparse[i].name for i in item], sparse[:, item].contiguous()),
+    )
+
+
+def _logits(art: ModelArtifact, precision: str | None, n: int = 1000) -> torch.Tensor:
+    model, schema = art.load_model(), art.schema
+    tables = split_tables(model, schema) if precision is None else quant_tables(model, schema, precision)  # type: ignore[arg-type]
+    dense, req, item = _inputs(art, n)
+    return FactoredDLRM(model, schema, *tables)(dense, req, item, [1] * n)
+
+
+def test_fp32_tbe_tables_score_like_float_tables(trained: ModelArtifact) -> None:
+    reference = _logits(trained, None)
+    quantized = _logits(trained, "fp32")
+    torch.testing.assert_close(quantized, reference, rtol=0, atol=1e-5)
+    assert reference.std() > 0.1  # the rows really differ: equality is not trivial
+
+
+@pytest.mark.parametrize(("precision", "atol"), [("fp16", 0.01), ("int8", 0.1)])
+def test_reduced_precision_scores_close_to_float(trained: ModelArtifact, precision: str, atol: float) -> None:
+    reference = _logits(trained, None)
+    diff = (_logits(trained, precision) - reference).abs()
+    assert float(diff.max()) < atol
+    assert float(diff.max()) > 0  # it is really quantized
+
+
+def test_lookups_within_quantization_error_of_every_row(trained: ModelArtifact) -> None:
+    request_float, _ = split_tables(trained.load_model(), trained.schema)
+    configs = request_float.embedding_bag_configs()
+    n = max(c.num_embeddings for c in configs)
+    ids = torch.stack([torch.arange(n) % c.num_embeddings for c in configs], dim=1)
+    kjt = single_hot_kjt([c.feature_names[0] for c in configs], ids)
+    with torch.inference_mode():
+        exact = request_float(kjt).values().view(n, len(configs), -1)
+        fp16 = quantize_collection(request_float, "fp16")(kjt).values().view_as(exact)
+        int8 = quantize_collection(request_float, "int8")(kjt).values().view_as(exact)
+    assert fp16.dtype == int8.dtype == torch.float32
+    assert bool(((fp16 - exact).abs() <= exact.abs() * 2**-11 + 1e-7).all())
+    # Row-wise int8: each row's step is its range / 255; rounding errs by at most half a step
+    # (plus the fp16 rounding of the row's scale and bias).
+    step = (exact.amax(-1, keepdim=True) - exact.amin(-1, keepdim=True)) / 255
+    err = (int8 - exact).abs()
+    assert bool((err <= 0.5 * step * 1.01 + 1e-4 * exact.abs().amax(-1, keepdim=True)).all())
+    assert float(err.max()) > 0
+
+
+def test_table_bytes_per_precision(trained: ModelArtifact) -> None:
+    schema = trained.schema
+    model = trained.load_model()
+    rows = sum(f.cardinality for f in schema.sparse)
+    d = schema.embedding_dim
+    size = {p: sum(table_bytes(t) for t in quant_tables(model, schema, p)) for p in PRECISIONS}
+    assert size == {"fp32": rows * d * 4, "fp16": rows * d * 2, "int8": rows * (d + 4)}
+    assert size["int8"] < size["fp16"] < size["fp32"]
+    assert size["fp32"] == sum(table_bytes(t) for t in split_tables(model, schema))
+
+
+def test_measure_precisions_chooses_cheapest_within_limit_and_caches(artifact_copy: ModelArtifact) -> None:
+    rows = held_out_rows(artifact_copy)
+    assert rows is not None
+    result = load_or_measure(artifact_copy, rows, FAST)
+    assert set(result["precisions"]) == set(PRECISIONS)
+    assert result["rows"] == 2000 and result["rows_available"] == len(rows)
+    fp32 = result["precisions"]["fp32"]
+    assert fp32["auc_delta"] == 0.0 and fp32["max_abs_logit_diff"] <= 1e-5
+    assert fp32["auc"] == pytest.approx(result["float_tables"]["auc"], abs=1e-6)
+    chosen = result["chosen"]
+    loss = -result["precisions"][chosen]["auc_delta"]
+    assert loss < 0.001 or chosen == "fp32"
+    cheaper = [
+        p
+        for p, e in result["precisions"].items()
+        if e["table_bytes"] < result["precisions"][chosen]["table_bytes"]
+    ]
+    assert all(-result["precisions"][p]["auc_delta"] >= 0.001 for p in cheaper)
+    assert all(e["lookups_per_s"] > 0 for e in result["precisions"].values())
+    assert set(result["bf16_mlp"]) == {"fp32", chosen}
+    assert abs(result["bf16_mlp"]["fp32"]["auc_delta"]) < 0.01
+
+    cached = artifact_copy.path / PRECISION_FILE
+    assert json.loads(cached.read_text()) == result
+    # The cache answers without measuring again (empty rows would fail a measurement).
+    empty = Rows(
+        np.zeros((0, rows.dense.shape[1]), np.float32), np.zeros((0, 9), np.int64), np.zeros(0, np.float32)
+    )
+    assert load_or_measure(artifact_copy, empty, FAST) == result
+    assert choose_precision(artifact_copy) == chosen
+
+
+def test_cheapest_within_limit() -> None:
+    entries = {
+        "fp32": {"auc_delta": 0.0, "table_bytes": 400},
+        "fp16": {"auc_delta": -0.0004, "table_bytes": 200},
+        "int8": {"auc_delta": -0.002, "table_bytes": 120},
+    }
+    assert cheapest_within(entries, 0.001) == "fp16"
+    assert cheapest_within(entries, 0.01) == "int8"
+    assert cheapest_within(entries, 0.0001) == "fp32"
+    assert cheapest_within({"int8": entries["int8"]}, 0.001) == "fp32"
+
+
+def test_choose_precision_without_held_out_rows_is_fp32(artifact_copy: ModelArtifact, tmp_path: Path) -> None:
+    shutil.rmtree(tmp_path / "world")
+    assert held_out_rows(artifact_copy) is None
+    assert choose_precision(artifact_copy) == "fp32"
+    assert not (artifact_copy.path / PRECISION_FILE).exists()
+
+
+def test_bench_precision_command_prints_json(
+    artifact_copy: ModelArtifact, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "precision", "--model", str(artifact_copy.path), "--json", "--rows", "1000"]
+    assert cli.main([*argv, "--lookup-batch", "256", "--lookup-repeats", "2", "--no-bf16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 1000 and out["chosen"] in PRECISIONS and "bf16_mlp" not in out
+    assert json.loads((artifact_copy.path / PRECISION_FILE).read_text()) == out
+
+
+def test_build_pipeline_serves_the_chosen_precision(
+    artifact_copy: ModelArtifact, serving_assets: ServingFolder
+) -> None:
+    loaded = serving_assets.load()
+    assets = ServingAssets(artifact_copy, loaded.catalog, loaded.index, loaded.index_manifest)
+    (artifact_copy.path / PRECISION_FILE).write_text(json.dumps({"chosen": "fp16"}))
+    for precision, data_type in (("auto", DataType.FP16), ("int8", DataType.INT8), ("fp32", DataType.FP32)):
+        pipeline = build_pipeline(assets, precision=precision)
+        try:
+            full = pipeline.scorers["full"].model  # type: ignore[attr-defined]
+            for tables in (full.request_tables, full.item_tables):
+                assert isinstance(tables, QuantEBC)
+                assert {c.data_type for c in tables.embedding_bag_configs()} == {data_type}
+        finally:
+            asyncio.run(pipeline.close())
+    with pytest.raises(ValueError, match="precision"):
+        build_pipeline(assets, precision="int4")
+    with pytest.raises(ValueError, match="precision"):
+        ServeConfig(precision="int4")  # type: ignore[arg-type]
