@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ MAX_COUNT_DIGITS = 18
 REASONS = ("field_count", "encoding", "label", "dense", "sparse")
 """Every reason a row can be reported malformed for."""
 
-_COUNT = re.compile(r"-?[0-9]{1,%d}" % MAX_COUNT_DIGITS)
+_COUNT = re.compile(rf"-?[0-9]{{1,{MAX_COUNT_DIGITS}}}")
 _HEX = re.compile(r"[0-9a-fA-F]{1,8}")
 
 
@@ -122,7 +123,7 @@ def parse_lines(
     for number, line in enumerate(lines, start=1):
         if limit is not None and report.rows_ok >= limit:
             break
-        if not line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n"):
+        if _is_blank(line):
             report.blank_lines += 1
             continue
         report.rows_read += 1
@@ -143,6 +144,10 @@ def parse_lines(
         labels=np.array(labels, dtype=np.float32),
     )
     return (rows if raw_ids else hash_ids(rows, schema)), report
+
+
+def _is_blank(line: str | bytes) -> bool:
+    return not (line.rstrip(b"\r\n") if isinstance(line, bytes) else line.rstrip("\r\n"))
 
 
 def parse_line(line: str | bytes) -> tuple[int, list[int | None], list[int | None]]:
@@ -248,7 +253,8 @@ class Vocabulary:
         return float((self.encode(rows).sparse == OOV_ROW).mean()) if len(rows) else 0.0
 
     def save(self, path: Path) -> None:
-        np.savez(path, min_count=np.int64(self.min_count), **dict(zip(self.names, self.kept, strict=True)))
+        arrays: dict[str, Any] = dict(zip(self.names, self.kept, strict=True))
+        np.savez(path, min_count=np.int64(self.min_count), **arrays)
 
     @classmethod
     def load(cls, path: Path, schema: FeatureSchema) -> Vocabulary:

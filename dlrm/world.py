@@ -8,12 +8,15 @@ Ground truth, for user u (segment g, tier t), context (surface s, hour h, device
 (category c, price bucket b)::
 
     logit = base + surface_base[s] + pop[i] + price_affinity[t] * log_price[i]
-          + beta_s * (<U_u, V_i> + seg_cat[g, c] + hour_cat[h, c])
+          + beta_s * (UV_WEIGHT * <U_u, V_i> + seg_cat[g, c] + hour_cat[h, c])
           + surface_cat[s, c] + device_price[d, b]
 
 ``U_u`` is the segment's centroid plus individual noise, ``V_i`` the category's centroid plus
 noise. A user-level retrieval model can learn the user x item terms but not the context x item
 ones (surface, hour, device) nor the surface's ``beta_s`` scaling: that is the full model's uplift.
+The individual noise is kept small (config ``individual_noise``): a user's or an item's own
+deviation is only learnable from its own few rows (Zipf activity), so a large one would measure
+the log's size more than the model, and drown the contextual crosses the router trades on.
 
 Revenue: a shown item at position p is clicked with ``bias(p) * P(click)``, a click converts
 with the surface's conversion rate, a conversion earns ``price * take_rate[s]``. Take rates are
@@ -47,6 +50,13 @@ SPARSE_COLUMNS = (
     "item_price_bucket",
 )
 DENSE_COLUMNS = ("user_log_activity", "hour_sin", "hour_cos", "session_depth")
+
+UV_WEIGHT = 3.0
+"""Weight of the latent user x item affinity: the largest term, and the one retrieval learns."""
+CALIBRATION_HEAVY_USERS = 150
+"""Most active users scored exactly when take rates are calibrated (about 2/3 of traffic)."""
+CALIBRATION_TAIL_REQUESTS = 250
+"""Sampled requests standing for all other users in the calibration."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,7 @@ class WorldConfig:
     """Zipf exponent of item popularity."""
     base_logit: float = -3.2
     """Global click logit offset (sets the average CTR)."""
-    individual_noise: float = 0.35
+    individual_noise: float = 0.1
     """Spread of a user's / item's factors around its segment's / category's centroid."""
     slate_size: int = 10
     """Items shown per request when revenue is computed."""
@@ -278,13 +288,54 @@ class World:
         for s, spec in enumerate(self.config.surfaces):
             if spec.revenue_per_inference == 0.0:
                 continue
-            req = self.sample_requests(200, rng, surface=s)
-            items = np.broadcast_to(np.arange(self.n_items), (len(req), self.n_items))
-            p = self.click_prob(req, items)
-            top = np.argsort(-p, axis=1)[:, : self.config.slate_size]
-            gross = self.expected_revenue(req, top, take_rate=np.ones(len(take)))
-            take[s] = spec.revenue_per_inference / gross.mean()
+            gross = self.ideal_revenue_per_inference(s, rng, take_rate=np.ones(len(take)))
+            take[s] = spec.revenue_per_inference / gross
         return take
+
+    def ideal_revenue_per_inference(
+        self,
+        surface: int,
+        rng: np.random.Generator,
+        take_rate: np.ndarray | None = None,
+        heavy_users: int = CALIBRATION_HEAVY_USERS,
+        tail_requests: int = CALIBRATION_TAIL_REQUESTS,
+    ) -> float:
+        """Expected dollars per request of ``surface`` under the ideal slate, over the traffic mix.
+
+        Stratified by user: with Zipf activity a few users make most requests, so a plain sample
+        of a few hundred requests misses the mean by 10-20%. The ``heavy_users`` most active users
+        are each scored (twice, in random contexts) with their exact traffic weight; a sample of
+        ``tail_requests`` stands for all the others.
+        """
+        heavy = np.argsort(-self.user_activity, kind="stable")[:heavy_users]
+        tail_p = self.user_activity.copy()
+        tail_p[heavy] = 0.0
+        tail_mass = float(tail_p.sum())
+        users = np.repeat(heavy, 2)
+        weight = np.repeat(self.user_activity[heavy] / 2.0, 2)
+        if tail_mass > 0 and tail_requests > 0:
+            users = np.concatenate(
+                [users, rng.choice(self.n_users, size=tail_requests, p=tail_p / tail_mass)]
+            )
+            weight = np.concatenate([weight, np.full(tail_requests, tail_mass / tail_requests)])
+        req = self.sample_requests(len(users), rng, surface=surface)
+        req.user = users
+        gross = np.concatenate(
+            [
+                self.expected_revenue(part, self.ideal_slates(part), take_rate)
+                for part in (req.take(slice(i, i + 128)) for i in range(0, len(req), 128))
+            ]
+        )
+        return float(weight @ gross / weight.sum())
+
+    def ideal_slates(self, req: Requests, k: int | None = None) -> np.ndarray:
+        """``n x k`` item ids a perfect ranker shows: the top ``k`` by true P(click), best first."""
+        k = min(k or self.config.slate_size, self.n_items)
+        catalog = np.broadcast_to(np.arange(self.n_items), (len(req), self.n_items))
+        p = self.click_prob(req, catalog)
+        top = np.argpartition(-p, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(p, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1)
 
     # -- the ground truth ---------------------------------------------------------------------
 
@@ -296,14 +347,13 @@ class World:
         s = req.surface[:, None]
         cat = self.item_category[it]
         beta = self.beta[s]
-        uv = np.einsum("nd,nkd->nk", self.user_latent[req.user], self.item_latent[it])
+        uv = UV_WEIGHT * np.einsum("nd,nkd->nk", self.user_latent[req.user], self.item_latent[it])
         logit = (
             self.config.base_logit
             + self.surface_base[s]
             + self.item_pop_logit[it]
             + self.tier_price[self.user_tier[u]] * self.item_log_price_std[it]
-            + beta
-            * (uv * 3.0 + self.seg_cat[self.user_segment[u], cat] + self.hour_cat[req.hour[:, None], cat])
+            + beta * (uv + self.seg_cat[self.user_segment[u], cat] + self.hour_cat[req.hour[:, None], cat])
             + self.surface_cat[s, cat]
             + self.device_price[req.device[:, None], self.item_price_bucket[it]]
         )

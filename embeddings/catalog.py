@@ -16,6 +16,9 @@ import numpy as np
 from dlrm.schema import FeatureSchema
 from dlrm.world import World
 
+CATALOG_FORMAT = 2
+"""Bumped when the catalog's contents change, so older index folders are rebuilt."""
+
 
 @dataclass
 class Catalog:
@@ -35,6 +38,8 @@ class Catalog:
     """Known surfaces; the id of a surface is its position."""
     tier_feature: str = "user_tier"
     """The user-side sparse feature whose value is the user's value tier (router segment)."""
+    item_price: np.ndarray | None = None
+    """float32 ``I``: list price per item id (value-aware routing values slates with it), if known."""
 
     @property
     def n_items(self) -> int:
@@ -46,14 +51,16 @@ class Catalog:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            folder / "catalog.npz",
-            item_sparse=self.item_sparse,
-            item_vectors=self.item_vectors,
-            user_sparse=self.user_sparse,
-            user_dense=self.user_dense,
-            user_vectors=self.user_vectors,
-        )
+        arrays: dict[str, np.ndarray] = {
+            "item_sparse": self.item_sparse,
+            "item_vectors": self.item_vectors,
+            "user_sparse": self.user_sparse,
+            "user_dense": self.user_dense,
+            "user_vectors": self.user_vectors,
+        }
+        if self.item_price is not None:
+            arrays["item_price"] = self.item_price
+        np.savez(folder / "catalog.npz", **arrays)  # type: ignore[arg-type]
         meta = {
             "user_dense_names": self.user_dense_names,
             "surfaces": self.surfaces,
@@ -92,4 +99,5 @@ def world_catalog(world: World, item_vectors: np.ndarray, user_vectors: np.ndarr
         user_vectors=np.ascontiguousarray(user_vectors, dtype=np.float32),
         user_dense_names=user_dense_names,
         surfaces=list(world.surface_names),
+        item_price=world.item_price.astype(np.float32),
     )

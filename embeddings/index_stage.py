@@ -29,7 +29,7 @@ from dlrm.configs import add_flags, from_flags
 from dlrm.synth import ensure_world_logs
 from dlrm.two_tower import TwoTowerConfig, train_world_two_tower
 from dlrm.world import World, WorldConfig
-from embeddings.catalog import world_catalog
+from embeddings.catalog import CATALOG_FORMAT, world_catalog
 from embeddings.index import IndexConfig, build_index, recall_at_k
 
 INDEX_FILE = "items.faiss"
@@ -51,7 +51,9 @@ def ensure_index(
     complete one exists."""
     index_config = index_config or IndexConfig()
     two_tower_config = two_tower_config or TwoTowerConfig()
-    key = config_key("index", world_config.key(), asdict(index_config), asdict(two_tower_config))
+    key = config_key(
+        "index", CATALOG_FORMAT, world_config.key(), asdict(index_config), asdict(two_tower_config)
+    )
     folder = artifacts / "index" / key
     if is_complete(folder):
         if progress:

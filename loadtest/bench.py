@@ -1,21 +1,28 @@
 """`valuerank bench scoring`: the full scoring path against TorchRec's DLRM, in one process.
 
 One request is one user x K candidates of the reference model (``loadtest.bench_model``).
-Variants, all on the same weights:
+Variants, all on the same weights (tables are shared):
 
 * ``baseline``: TorchRec eager fp32 ``DLRM`` on the K expanded rows (request features repeated);
 * ``factored``: ``FactoredDLRM`` (request side once per request), fp32;
-* ``fast_fp32`` / ``fast_bf16``: ``FastDLRM`` (packed tables, a few large GEMMs), fp32 and with
-  the per-candidate MLP on bf16 weights; ``_compiled``: its tensor part under ``torch.compile``
-  (the first call's compile time is reported, not timed).
+* ``fast[_fp16rows]_{fp32|bf16}[_compiled]``: ``FastDLRM`` (packed tables, a few large GEMMs)
+  with fp32 or fp16 item rows, the per-candidate MLP in fp32 or bf16, eager or with its tensor
+  work under ``torch.compile`` (the first call's compile time is reported, not timed).
 
 This machine is noisy, so variants are timed interleaved (rotating order) in one process and
-figures are medians. Every timed call scores a fresh request, so table rows come from memory as
-in production, not from a cache warmed by the previous variant. ``ratio`` = valuerank's best
-fp32 path / baseline candidates per second; ``max_abs_score_diff`` is on logits, over the first
-``DIFF_REQUESTS`` requests. The ``multi_hot`` section repeats it with item features pooling
-~``multi_hot_ids`` ids each (memory-bound). ``roofline_fraction`` is taken against the lower of
-the compute and gather limits of the path's own work, measured on this machine.
+figures are medians. Every call scores a fresh request, so table rows come from memory as in
+production; each timed call follows an untimed one of the same variant (``time_interleaved``).
+``ratio`` = valuerank's fp32 path / baseline candidates per second; ``max_abs_score_diff``
+is on logits, over the first ``DIFF_REQUESTS`` requests. The ``multi_hot`` section repeats it
+with item features pooling ~``multi_hot_ids`` ids each (memory-bound).
+
+Roofline: ``flops_per_candidate`` / ``bytes_per_candidate`` are the work the factored path needs
+(request side divided by K); ``machine`` holds the best of the matmul and random-gather probes
+run between timed calls (noise only slows a probe). The limit is the lower of compute and
+gather (``binding`` says which); ``roofline_fraction`` compares the path's best call with it,
+``roofline_fraction_p50`` its median call. ``precisions`` has valuerank's fp32 path and its
+reduced-precision one (fp16 item rows, plus a bf16 MLP where the CPU has native bf16), each
+with its ratio and score diff; ``variants`` has every variant.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class BenchConfig:
     """Rows in each of the 26 embedding tables (64 dims, fp32)."""
     candidates: int = 500
     """Candidates scored per request (K)."""
-    requests: int = 24
+    requests: int = 32
     """Timed requests per variant in each repeat; every call draws a fresh request."""
     threads: int = 2
     """torch intra-op threads."""
@@ -144,11 +151,13 @@ def make_variants(
         "factored": Variant(lambda r: model.factored(r.dense, r.request_kjt, r.item_kjt, [r.k])),
     }
     # (MLP dtype, fp16 item rows, compiled); bf16 compiled only where the CPU has bf16 matmuls.
-    specs = [(torch.float32, False, False), (torch.bfloat16, False, False), (torch.float32, True, False)]
+    specs = [(torch.float32, False, False), (torch.bfloat16, False, False)]
     if config.compile:
         specs += [(torch.float32, False, True), (torch.float32, True, True)]
         if native_bf16:
             specs += [(torch.bfloat16, False, True), (torch.bfloat16, True, True)]
+    else:
+        specs += [(torch.float32, True, False)]
     compile_s: dict[str, float] = {}
     probe = model.make_request(0, config.candidates)
     for mlp, fp16_rows, compiled in specs:
@@ -177,13 +186,17 @@ def fast_call(fast: FastDLRM, r: Request) -> torch.Tensor:
 @dataclass
 class SectionTimes:
     multi_hot_ids: int
+    """Mean ids per item bag (0: single-hot)."""
     k: int
+    """Candidates per request."""
     item_lookups: float
     """Mean item lookups per candidate."""
     diffs: dict[str, float]
     """Max |logit - baseline logit| per variant."""
     times: dict[str, list[list[float]]]
     """Milliseconds per call, per variant and repeat."""
+    compiled: bool
+    """Whether the compiled variants ran."""
 
 
 def time_section(
@@ -202,7 +215,7 @@ def time_section(
     times = time_interleaved(variants, fresh, config.requests, config.repeats, probes.sample)
     log.info("timed the section with multi_hot_ids=%d", multi_hot_ids)
     lookups = statistics.fmean(r.item_lookups for r in requests) / k
-    return SectionTimes(multi_hot_ids, k, lookups, diffs, times)
+    return SectionTimes(multi_hot_ids, k, lookups, diffs, times, config.compile)
 
 
 def section_report(model: ReferenceModel, section: SectionTimes, machine: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +230,8 @@ def section_report(model: ReferenceModel, section: SectionTimes, machine: dict[s
             "candidates_per_s": round(k / statistics.median(samples) * 1e3, 1),
             "request_ms": percentiles(samples),
             "ratio": round(base_ms / statistics.median(samples), 3),
+            # Median over rounds of the baseline's time / this variant's in the same round.
+            "ratio_paired": paired_ratio(times["baseline"], times[name]),
             "ratio_by_repeat": [
                 round(statistics.median(b) / statistics.median(v), 3)
                 for b, v in zip(times["baseline"], times[name], strict=False)
@@ -226,15 +241,17 @@ def section_report(model: ReferenceModel, section: SectionTimes, machine: dict[s
         }
         for name, samples in all_times.items()
     }
-    fp32_names = [n for n in table if n.startswith("fast_fp32")]
-    reduced_names = [n for n in table if n.startswith("fast") and n not in fp32_names]
+    # The serving configurations, fixed in advance (picking the faster of two noisy measurements
+    # would bias the ratio up): compiled when compiling, bf16 MLPs only with native bf16.
+    compiled = section.compiled
+    mlp = torch.bfloat16 if machine["native_bf16"] else torch.float32
     precisions = {
-        "fp32": precision_report(k, fp32_names, table, work, machine["matmul_gflops"], machine),
-        "reduced": precision_report(k, reduced_names, table, work, reduced_gflops(machine), machine),
+        "fp32": precision_report(k, variant_name(torch.float32, False, compiled), table, work, machine),
+        "reduced": precision_report(k, variant_name(mlp, True, compiled), table, work, machine),
     }
     head = precisions["fp32"]
     return {
-        "multi_hot": section.multi_hot_ids > 1,
+        "ids_per_item_bag": round(item_lookups / len(model.factored.item_keys), 2),
         "lookups_per_candidate": round(item_lookups + len(model.factored.request_keys) / k, 2),
         "baseline": {
             **table["baseline"],
@@ -242,7 +259,7 @@ def section_report(model: ReferenceModel, section: SectionTimes, machine: dict[s
             "bytes_per_candidate": base_work["bytes"],
         },
         "valuerank": {key: head[key] for key in ("variant", "candidates_per_s", "request_ms")},
-        **{key: head[key] for key in ("ratio", "ratio_by_repeat", "max_abs_score_diff")},
+        **{key: head[key] for key in ("ratio", "ratio_paired", "ratio_by_repeat", "max_abs_score_diff")},
         "flops_per_candidate": work["flops"],
         "bytes_per_candidate": work["bytes"],
         **{
@@ -254,22 +271,18 @@ def section_report(model: ReferenceModel, section: SectionTimes, machine: dict[s
     }
 
 
-def reduced_gflops(machine: dict[str, Any]) -> float:
-    return max(machine["matmul_gflops"], machine["matmul_gflops_bf16"])
+def paired_ratio(base: list[list[float]], other: list[list[float]]) -> float:
+    pairs = [b / o for rb, ro in zip(base, other, strict=False) for b, o in zip(rb, ro, strict=False)]
+    return round(statistics.median(pairs), 3)
 
 
 def precision_report(
-    k: int,
-    names: list[str],
-    table: dict[str, dict[str, Any]],
-    work: dict[str, int],
-    gflops: float,
-    machine: dict[str, Any],
+    k: int, name: str, table: dict[str, dict[str, Any]], work: dict[str, int], machine: dict[str, Any]
 ) -> dict[str, Any]:
-    """The fastest of ``names``, with its roofline (``gflops``: its matmul rate here)."""
-    name = max(names, key=lambda n: table[n]["candidates_per_s"])
+    """Variant ``name``'s figures with its roofline."""
     # fp16 rows halve the gathered bytes; the MLP precision sets the compute rate.
     bytes_ = work["bytes"] // 2 if "fp16rows" in name else work["bytes"]
+    gflops = machine["matmul_gflops_bf16" if "bf16" in name else "matmul_gflops"]
     compute = gflops * 1e9 / work["flops"]
     gather = machine["gather_gbps"] * 1e9 / bytes_
     roof = min(compute, gather)
@@ -285,13 +298,15 @@ def precision_report(
         "roofline_fraction": round(k / table[name]["request_ms"]["min"] * 1e3 / roof, 3),
         "roofline_fraction_p50": round(table[name]["candidates_per_s"] / roof, 3),
     }
-    if name != "fast_fp32" and not name.startswith("fast_fp32"):
+    if not name.startswith("fast_fp32"):
+        mlp = "bf16" if "bf16" in name else "fp32"
+        out["what"] = f"{'fp16' if 'fp16rows' in name else 'fp32'} item rows, {mlp} per-candidate MLP"
         out["quality"] = (
             "random weights: only max_abs_score_diff here; AUC per precision on a trained model "
             "comes from `valuerank bench precision`"
         )
-    if not machine["native_bf16"]:
-        out["bf16"] = f"no native bf16 matmul on this CPU; bf16 MLPs timed on {SLOW_CALLS} calls only"
+        if not machine["native_bf16"]:
+            out["bf16"] = f"no native bf16 matmul on this CPU; bf16 MLPs timed on {SLOW_CALLS} calls only"
     return out
 
 
@@ -317,8 +332,11 @@ def time_interleaved(
 ) -> dict[str, list[list[float]]]:
     """Milliseconds per call of each variant, one list per repeat.
 
-    In each round every variant scores its own fresh request, in an order rotated each round,
-    and ``probe`` samples the machine's rates under the same conditions.
+    Each round ``probe`` samples the machine's rates, then every variant, in an order rotated
+    each round, scores two fresh requests back to back and the second call is timed. The
+    untimed call puts the variant in the steady state of a server that scores request after
+    request (its weights and code in cache; the rows of a fresh request still come from
+    memory) instead of timing the cache misses caused by the variant or probe run before it.
     """
     names = list(variants)
     times: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -335,6 +353,8 @@ def time_interleaved(
                     v = variants[name]
                     if v.slow and (rep > 0 or len(times[name][0]) >= SLOW_CALLS):
                         continue
+                    if not v.slow:
+                        v.score(next(fresh))
                     r = next(fresh)
                     t0 = time.perf_counter()
                     v.score(r)
@@ -366,10 +386,14 @@ class MachineProbes:
         self._pooled = False
         self._fp32 = torch.randn(self.MATMUL_N, self.MATMUL_N)
         self._bf16 = self._fp32.bfloat16()
-        # A small probe first: without native bf16 a 1024^3 product takes seconds.
-        self.native_bf16 = _matmul_gflops(256, torch.bfloat16) > _matmul_gflops(256, torch.float32) / 2
+        # oneDNN's own CPU check, then a small timed probe (without bf16 support a 1024^3
+        # product takes seconds): bf16 must at least keep up with fp32.
+        bf16 = _matmul_gflops(256, torch.bfloat16)
+        self.native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
+            bf16 > _matmul_gflops(256, torch.float32) / 2
+        )
         if not self.native_bf16:
-            self.samples["matmul_gflops_bf16"].append(_matmul_gflops(256, torch.bfloat16))
+            self.samples["matmul_gflops_bf16"].append(bf16)
         for _ in range(first_samples):
             self.sample()
 
@@ -405,20 +429,15 @@ class MachineProbes:
 
 
 def _matmul_gflops(n: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """Best of ``reps`` timed ``n^3`` products after a warm-up one."""
     a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), reps) / 1e9
-
-
-def _median_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median of ``reps`` timed calls after one warm-up call."""
-    fn()
-    samples = []
+    torch.mm(a, a)
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

@@ -4,9 +4,12 @@ The same Recommend request stream runs, interleaved request by request in one pr
 through pipelines that differ only in where the item-side embedding rows live:
 
 * ``in_process``: FBGEMM fp32 tables (``serving.assets.build_pipeline``);
-* ``redis``: a local ``redis-server`` behind the hot-row cache (``--item-store``'s path in
-  ``valuerank serve``), fp32 rows pushed by ``embeddings.push``;
-* ``redis_cluster`` (``--cluster``): a local 3-master Redis Cluster, same cache.
+* ``redis``: a local ``redis-server`` behind the hot-row cache, fp32 rows pushed by
+  ``embeddings.push`` (what ``valuerank serve --item-store-config`` serves): each request's
+  rows are prefetched when it queues for the micro-batcher (``serving.item_rows``);
+* ``redis_cluster`` (``--cluster``): a local 3-master Redis Cluster, same cache;
+* ``redis_late_lookup`` (``--late-lookup-arm``): the single node without the prefetch that
+  overlaps each request's round trip with the micro-batch window (an A/B of it).
 
 Request-side tables stay in process (FBGEMM fp32) in every pipeline.
 
@@ -65,10 +68,11 @@ from embeddings.store import (
 from loadtest.bench_redis import RedisBenchConfig, Traffic, bench_schema, delta_stats, percentiles
 from loadtest.redis_local import local_cluster, local_redis
 from serving.assets import ServingAssets, build_pipeline
-from serving.domain import Query
+from serving.domain import Candidates, Query, RequestFeatures
 from serving.errors import DeadlineExceeded
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.retriever import Retriever
+from serving.scoring import Scorer
 
 VECTOR_DIM = 16
 VERSION = "bench-serving"
@@ -104,6 +108,9 @@ class ServingBenchConfig:
     """Per-request deadline; item rows not fetched by then are default rows (counted)."""
     cluster: bool = False
     """Also measure a local 3-master Redis Cluster."""
+    late_lookup_arm: bool = False
+    """Also measure the single node without prefetch (each request's store lookup starts when
+    its batch is scored, not when it queues): an A/B of the prefetch."""
     threads: int = 1
     """torch intra-op threads of the full model."""
     seed: int = 0
@@ -188,6 +195,13 @@ def run(cfg: ServingBenchConfig) -> dict[str, Any]:
             pipelines[name] = build_pipeline(
                 assets, config=_pipeline_config(cfg), precision="fp32", item_store=store
             )
+        if cfg.late_lookup_arm:
+            stores["redis_late_lookup"] = stack.enter_context(open_store(remote["redis"]))
+            late = build_pipeline(
+                assets, config=_pipeline_config(cfg), precision="fp32", item_store=stores["redis_late_lookup"]
+            )
+            late.scorers["full"] = NoPrefetch(late.scorers["full"])
+            pipelines["redis_late_lookup"] = late
         for pipeline in pipelines.values():
             pipeline.retriever = ReplayRetriever(stream, assets.catalog.item_vectors)
         out.update(asyncio.run(_measure(cfg, pipelines, stores, len(assets.catalog.surfaces))))
@@ -249,10 +263,10 @@ async def _measure(
                 if start < cfg.warmup:
                     continue
                 for ms, rec in results:
+                    samples[name].append(ms)  # a failed request's wait counts too
                     if rec is None:
                         errors[name] += 1
                         continue
-                    samples[name].append(ms)
                     stages[name]["retrieve"].append(rec.timings.retrieve_ms)
                     stages[name]["score"].append(rec.timings.score_ms)
                     stages[name]["queue"].append(rec.timings.queue_ms)
@@ -293,6 +307,23 @@ async def _timed(pipeline: Pipeline, query: Query) -> tuple[float, Any]:
 
 
 # -- the bench world ------------------------------------------------------------------------------
+
+
+class NoPrefetch(Scorer):
+    """A scorer as it is, but without ``prefetch`` (the pipeline's batcher calls ``inner``)."""
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner = inner
+        self.path = inner.path
+
+    def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
+        return self.inner.score_batch(requests, candidates)
+
+    def store_stats(self) -> dict[str, Any] | None:
+        return self.inner.store_stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class ReplayRetriever(Retriever):

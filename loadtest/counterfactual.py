@@ -13,6 +13,7 @@ online policies learn from, as they would from reported outcomes in production.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class ScoredLog:
     """Ground-truth expected dollars of each path's slate, per request."""
     realised_revenue: dict[Path_, np.ndarray]
     """One seeded draw of the dollars each path's slate earned, per request."""
+    conversions: dict[Path_, list[list[tuple[int, float]]]]
+    """That draw's conversions (item id, dollars) per request: the outcomes a feed would report."""
     cost_ms: dict[Path_, np.ndarray]
     """Measured CPU ms of scoring each request on each path."""
     retrieval_ms: float
@@ -103,7 +106,7 @@ def score_log(
         weights = np.array([len(c.item_ids) for c in cands[start:stop]], dtype=np.float64)
         cost_full[start:stop] = spent * weights / weights.sum()
         if progress and (start // batch) % 200 == 0:
-            print(f"replay: scored {stop}/{n} requests with both paths", flush=True)
+            print(f"replay: scored {stop}/{n} requests with both paths", file=sys.stderr, flush=True)
     cheap_scores: list[np.ndarray] = []
     cost_cheap = np.zeros(n)
     for i in range(n):
@@ -119,10 +122,12 @@ def score_log(
     rng = np.random.default_rng(seed)
     expected: dict[Path_, np.ndarray] = {}
     realised: dict[Path_, np.ndarray] = {}
+    conversions: dict[Path_, list[list[tuple[int, float]]]] = {}
     for path in ("full", "cheap"):
         expected[path] = world.expected_revenue(requests, slates[path])
         events = world.sample_outcomes(requests, slates[path], rng)
-        realised[path] = np.array([sum(e[2] for e in evs) for evs in events])
+        conversions[path] = [[(e[0], e[2]) for e in evs if e[1] == "conversion"] for evs in events]
+        realised[path] = np.array([sum(r for _, r in conv) for conv in conversions[path]])
     return ScoredLog(
         requests=requests,
         surface_names=names,
@@ -132,6 +137,7 @@ def score_log(
         full_scores=full_scores,
         expected_revenue=expected,
         realised_revenue=realised,
+        conversions=conversions,
         cost_ms={"full": cost_full, "cheap": cost_cheap},
         retrieval_ms=retrieval_ms,
         k=k,

@@ -164,6 +164,26 @@ def oracle_mask(log: ScoredLog, budget_share: float) -> np.ndarray:
     return full
 
 
+def segment_oracle_mask(log: ScoredLog, budget_share: float) -> np.ndarray:
+    """Full for whole segments in order of their true mean uplift per extra ms, the last one
+    partly (its requests in time order), while the compute fits: the best a router that knew
+    every segment's uplift exactly, but nothing finer, could do."""
+    segments = np.array(log.segments)
+    extra = log.cost_ms["full"] - log.cost_ms["cheap"]
+    room = budget_share * log.cost_ms["full"].sum() - log.cost_ms["cheap"].sum()
+    ranked = []
+    for seg in np.unique(segments):
+        members = np.flatnonzero(segments == seg)
+        gain = float(log.uplift[members].mean())
+        if gain > 0:
+            ranked.append((gain / max(float(extra[members].mean()), 1e-9), members))
+    ranked.sort(key=lambda r: -r[0])
+    order = np.concatenate([m for _, m in ranked]) if ranked else np.zeros(0, dtype=np.int64)
+    full = np.zeros(len(log), dtype=bool)
+    full[order[np.cumsum(extra[order]) <= room]] = True
+    return full
+
+
 def best_static_tables(log: ScoredLog, budgets: tuple[float, ...]) -> dict[float, tuple[str, ...]]:
     """For each budget, the per-surface table (which surfaces get full) that earns the most within
     it, searched exhaustively over all tables and priced with the replay's own counterfactuals:

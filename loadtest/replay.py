@@ -9,7 +9,14 @@ order (``loadtest.policy_sim``):
   table that fits budget B (B = share of always-full's compute);
 * ``value_aware@B``: the online router of ``serving.policies``, learning from scratch during the
   day (exploration, realised outcomes, measured costs), with its controller holding budget B;
-* ``oracle@B``: knows every request's true uplift and gives the full path to the highest ones.
+* ``oracle@B``: knows every request's true uplift and gives the full path to the highest ones;
+  ``oracle_segment@B`` knows only every segment's (surface x tier) true mean uplift.
+
+Value-aware routing learns from scratch during the replayed day (``--warmup-requests N`` lets it
+first run over N requests of another day drawn from the world). Its feedback is what a server
+would give it: the measured compute, the modelled latency, the full model's scores when it ran
+(``Router.observe_scored``) and the sampled revenue of the slate it served
+(``Router.observe_outcome``); it never reads the true uplift.
 
 With ``--log PATH`` it instead estimates, from a decision/outcome log written by a server
 (``serving.decision_log``), what each policy would have earned: inverse-propensity and doubly
@@ -22,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +47,14 @@ from loadtest.policy_sim import (
     oracle_mask,
     run_mask,
     run_router,
+    segment_oracle_mask,
     summarise,
     table_mask,
 )
 from serving.clock import ManualClock
 from serving.controller import ControllerConfig
 from serving.policies import StaticTiersConfig, ValueAwareConfig, make_router
+from serving.router import Router
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
@@ -61,6 +71,9 @@ class ReplayConfig:
     """Seed of the realised outcomes and of the routers' exploration."""
     window_requests: int = 200
     """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
+    warmup_requests: int = 0
+    """Requests of a previous day (drawn from the world with another seed) that learning policies
+    run over before the replayed day, which alone is measured; 0: they start cold."""
 
     def __post_init__(self) -> None:
         if self.requests < 0:
@@ -71,6 +84,8 @@ class ReplayConfig:
             raise ValueError(f"{self.batch=} must be >= 1")
         if self.window_requests < 0:
             raise ValueError(f"{self.window_requests=} must be >= 0")
+        if self.warmup_requests < 0:
+            raise ValueError(f"{self.warmup_requests=} must be >= 0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +124,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = from_flags(LoadModel, args)
     progress = not args.json or sys.stderr.isatty()
     world_config = WorldConfig.load(args.world)
-    log = build_scored_log(world_config, args.artifacts, args.index, config, progress=progress)
+    log, warmup = build_scored_logs(world_config, args.artifacts, args.index, config, progress=progress)
     controller = from_flags(ControllerConfig, args)
     value_aware = from_flags(ValueAwareConfig, args, controller=controller)
-    result = replay(log, load, value_aware, config, args.budgets, StaticTiersConfig())
+    result = replay(log, load, value_aware, config, args.budgets, StaticTiersConfig(), warmup)
     result["world"] = {"key": world_config.key(), "file": str(args.world) if args.world else "bundled"}
     if args.plot is not None:
         from loadtest.plot import plot_curves
@@ -130,15 +145,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def build_scored_log(
+def build_scored_logs(
     world_config: WorldConfig,
     artifacts: Path,
     index_dir: Path | None,
     config: ReplayConfig,
     *,
     progress: bool,
-) -> ScoredLog:
-    """Train (or reuse) the model and index of ``world_config`` and score its replay log."""
+) -> tuple[ScoredLog, ScoredLog | None]:
+    """Train (or reuse) the model and index of ``world_config``; score its replay log and, when
+    ``config.warmup_requests``, a warm-up day drawn from the world with another seed."""
     from dlrm.synth import ensure_world_logs
     from dlrm.train import train_world
     from serving.assets import ServingAssets
@@ -147,22 +163,22 @@ def build_scored_log(
     logs = ensure_world_logs(world_config, artifacts, world=world, log=progress)
     model = train_world(world_config, artifacts, progress=progress)
     if index_dir is None:
-        from embeddings.index_stage import IndexConfig, TwoTowerConfig, ensure_index
+        from embeddings.index_stage import ensure_index
 
-        index_dir = ensure_index(world_config, artifacts, IndexConfig(), TwoTowerConfig(), progress=progress)
+        index_dir = ensure_index(world_config, artifacts, progress=progress)
     assets = ServingAssets.load(model.path, index_dir)
     requests = logs.replay
     if config.requests:
         requests = requests.take(slice(0, config.requests))
-    return score_log(
-        world,
-        assets,
-        requests,
-        candidates=config.candidates,
-        batch=config.batch,
-        seed=config.seed,
-        progress=progress,
-    )
+    score = dict(candidates=config.candidates, batch=config.batch, progress=progress)
+    log = score_log(world, assets, requests, seed=config.seed, **score)  # type: ignore[arg-type]
+    warmup = None
+    if config.warmup_requests:
+        # Another day of the same world: the replayed requests are never seen before they count.
+        rng = np.random.default_rng([world_config.seed, 7919, config.seed])
+        earlier = world.sample_requests(config.warmup_requests, rng)
+        warmup = score_log(world, assets, earlier, seed=config.seed + 1, **score)  # type: ignore[arg-type]
+    return log, warmup
 
 
 def replay(
@@ -172,15 +188,16 @@ def replay(
     config: ReplayConfig,
     budgets: tuple[float, ...],
     static: StaticTiersConfig,
+    warmup: ScoredLog | None = None,
 ) -> dict[str, Any]:
     """Run every policy over ``log``; the result's ``policies`` maps names to their summaries."""
     times = arrival_times(log, load)
+    warm = None if warmup is None else (warmup, arrival_times(warmup, load))
     if config.window_requests and len(log) > 1:
         window_s = config.window_requests * float(times[-1] - times[0]) / len(log)
         value_aware = dataclasses.replace(
             value_aware, controller=dataclasses.replace(value_aware.controller, window_s=max(window_s, 1e-6))
         )
-    schema_item_values = log.item_values
     runs: dict[str, PolicyRun] = {}
     runs["always_full"] = run_mask(log, "always_full", np.ones(len(log), dtype=bool), times, load)
     runs["always_cheap"] = run_mask(log, "always_cheap", np.zeros(len(log), dtype=bool), times, load)
@@ -191,16 +208,16 @@ def replay(
             log, f"static_tiers@{b:g}", table_mask(log, tables[b]), times, load
         )
         runs[f"oracle@{b:g}"] = run_mask(log, f"oracle@{b:g}", oracle_mask(log, b), times, load)
-        cfg = dataclasses.replace(
-            value_aware, controller=dataclasses.replace(value_aware.controller, budget_share=b)
+        runs[f"oracle_segment@{b:g}"] = run_mask(
+            log, f"oracle_segment@{b:g}", segment_oracle_mask(log, b), times, load
         )
-
-        def make(clock: ManualClock, cfg: ValueAwareConfig = cfg) -> Any:
-            return make_router(
-                "value_aware", cfg, clock, config.seed, schema=log.schema, item_values=schema_item_values
-            )
-
-        runs[f"value_aware@{b:g}"] = run_router(log, f"value_aware@{b:g}", make, times, load)
+        make = _value_aware_factory(log, value_aware, b, config.seed)
+        runs[f"value_aware@{b:g}"] = run_router(log, f"value_aware@{b:g}", make, times, load, warm)
+    if warm is not None and budgets:
+        # The same router from a cold start on the replayed day, for the record.
+        b = min(budgets, key=lambda x: abs(x - 0.5))
+        make = _value_aware_factory(log, value_aware, b, config.seed)
+        runs[f"value_aware_cold@{b:g}"] = run_router(log, f"value_aware_cold@{b:g}", make, times, load)
     policies = {name: summarise(log, r, load) for name, r in runs.items()}
     for name, r in runs.items():
         if r.router_stats:
@@ -208,6 +225,7 @@ def replay(
     full_rev = policies["always_full"]["revenue"]
     checks: dict[str, Any] = {"value_aware_over_always_full": {}, "value_aware_over_static": {}}
     checks["value_aware_over_oracle"] = {}
+    checks["value_aware_over_oracle_segment"] = {}
     for b in budgets:
         va = policies[f"value_aware@{b:g}"]["revenue"]
         checks["value_aware_over_always_full"][f"{b:g}"] = va / full_rev if full_rev else float("nan")
@@ -215,8 +233,11 @@ def replay(
         checks["value_aware_over_static"][f"{b:g}"] = va / st if st else float("nan")
         orc = policies[f"oracle@{b:g}"]["revenue"]
         checks["value_aware_over_oracle"][f"{b:g}"] = va / orc if orc else float("nan")
+        seg = policies[f"oracle_segment@{b:g}"]["revenue"]
+        checks["value_aware_over_oracle_segment"][f"{b:g}"] = va / seg if seg else float("nan")
     return {
         "requests": len(log),
+        "warmup_requests": 0 if warmup is None else len(warmup),
         "candidates": config.candidates,
         "slate_size": log.k,
         "costs": {
@@ -234,8 +255,47 @@ def replay(
         | {"static_tiers": list(static.full_surfaces)},
         "policies": policies,
         "checks": checks,
+        "readme_table": readme_table(policies, budgets),
         "_runs": runs,
     }
+
+
+def _value_aware_factory(
+    log: ScoredLog, config: ValueAwareConfig, budget: float, seed: int
+) -> Callable[[ManualClock], Router]:
+    cfg = dataclasses.replace(config, controller=dataclasses.replace(config.controller, budget_share=budget))
+
+    def make(clock: ManualClock) -> Router:
+        return make_router("value_aware", cfg, clock, seed, schema=log.schema, item_values=log.item_values)
+
+    return make
+
+
+def readme_table(policies: dict[str, Any], budgets: tuple[float, ...]) -> str:
+    """The seed's comparison as a markdown table: one model for all, a static cascade, value-aware."""
+    rows = [
+        ("One model for all (always_full)", "always_full"),
+        ("Static cascade (static_tiers)", "static_tiers"),
+    ]
+    for b in budgets:
+        if f"{b:g}" in ("0.5", "0.7"):
+            rows.append((f"Value-aware routing, {b:.0%} budget", f"value_aware@{b:g}"))
+    rows.append(("Cheap path for all (always_cheap)", "always_cheap"))
+    lines = [
+        "| policy | compute vs full | cost per 1,000 requests (CPU s) | p50 latency (ms) | "
+        "throughput per core (req/s) | revenue per inference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, name in rows:
+        if name not in policies:
+            continue
+        p = policies[name]
+        lines.append(
+            f"| {label} | {p['compute_share']:.0%} | {p['cost_per_1000_cpu_s']:.3f} | "
+            f"{p['latency_p50_ms']:.2f} | {p['throughput_per_core']:,.0f} | "
+            f"${p['revenue_per_inference']:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def _router_summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +323,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"{name:<22}{p['revenue']:>10.2f}{p['revenue_per_inference']:>10.5f}"
             f"{p['compute_share']:>9.2f}{p['full_share']:>7.2f}{p['latency_p50_ms']:>8.2f}{p['latency_p99_ms']:>8.2f}"
         )
-    lines += ["", json.dumps(result["checks"], indent=2)]
+    lines += ["", json.dumps(result["checks"], indent=2), "", result["readme_table"]]
     return "\n".join(lines)
 
 

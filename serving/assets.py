@@ -24,6 +24,7 @@ from embeddings.precision import choose_precision
 from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
 from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
 from serving.clock import Clock
+from serving.decision_log import DecisionLog
 from serving.domain import Path_
 from serving.features import FeatureResolver
 from serving.pipeline import Pipeline, PipelineConfig
@@ -62,6 +63,7 @@ def build_pipeline(
     model_threads: int = 1,
     precision: str = "fp32",
     item_store: EmbeddingStore | None = None,
+    decision_log: DecisionLog | None = None,
 ) -> Pipeline:
     """The serving pipeline; the full scorer's tables are FBGEMM tables in ``precision``:
     fp32 | fp16 | int8, or auto (the model's measured choice, ``embeddings.precision``).
@@ -95,6 +97,7 @@ def build_pipeline(
         model_version=assets.model.version,
         config=config or PipelineConfig(),
         clock=clock,
+        decision_log=decision_log,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from serving.batching import MicroBatcher
 from serving.clock import Clock, MonotonicClock
+from serving.decision_log import DecisionLog, DecisionRecord
 from serving.domain import (
     MAX_CANDIDATES,
     Candidates,
@@ -71,6 +72,7 @@ class Pipeline:
         model_version: str,
         config: PipelineConfig = PipelineConfig(),
         clock: Clock | None = None,
+        decision_log: DecisionLog | None = None,
     ) -> None:
         self.resolver = resolver
         self.retriever = retriever
@@ -82,6 +84,10 @@ class Pipeline:
         self.clock = clock or MonotonicClock()
         self._light_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vr-light")
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-model")
+        # Durable outcome writes (fsync, Redis) get their own thread: a slow disk never delays
+        # retrieval or the cheap path.
+        self._outcome_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-outcomes")
+        self.decision_log = decision_log
         self._batchers: dict[Path_, MicroBatcher[ScoreJob, np.ndarray]] = {}
         for path, scorer in scorers.items():
             pool = self._model_pool if path == "full" else self._light_pool
@@ -95,8 +101,13 @@ class Pipeline:
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
+        for scorer in self.scorers.values():
+            scorer.close()
         self._light_pool.shutdown(wait=True)
         self._model_pool.shutdown(wait=True)
+        self._outcome_pool.shutdown(wait=True)
+        if self.decision_log is not None:
+            self.decision_log.close()
         await asyncio.get_running_loop().run_in_executor(None, self.tracker.close)
 
     # -- Recommend ----------------------------------------------------------------------------
@@ -119,16 +130,24 @@ class Pipeline:
         t1 = time.perf_counter()
 
         left = None if query.deadline is None else query.deadline - self.clock.now()
+        route = RouteContext(
+            query.request_id,
+            query.surface,
+            features.segment,
+            left,
+            request=features,
+            candidates=candidates,
+            k=query.k,
+        )
         if query.force_path is not None:
             decision = Decision(query.force_path, "forced", "force_path set by caller")
         else:
-            decision = self.router.decide(
-                RouteContext(query.request_id, query.surface, features.segment, left)
-            )
+            decision = self.router.decide(route)
         if decision.path not in self._batchers:
             raise InvalidArgument("force_path", f"path {decision.path!r} is not served here")
         t2 = time.perf_counter()
         self._check_deadline(query)
+        self.scorers[decision.path].prefetch(features, candidates)  # e.g. item rows from Redis
         result = await self._batchers[decision.path].submit(
             (features, candidates), weight=len(candidates.item_ids)
         )
@@ -141,6 +160,21 @@ class Pipeline:
             Inference(query.request_id, features.segment, decision.path, compute_ms, decision.propensity)
         )
         self.router.observe(features.segment, decision.path, compute_ms, latency_ms)
+        if decision.path == "full":
+            # Full scores of all candidates let the router value the cheap slate too, for free.
+            self.router.observe_scored(route, result.value)
+        if self.decision_log is not None:
+            self.decision_log.write(
+                DecisionRecord.of(
+                    query.request_id,
+                    time.time(),
+                    features.segment,
+                    query.surface,
+                    decision,
+                    compute_ms,
+                    latency_ms,
+                )
+            )
         timings = Timings(
             retrieve_ms=(t1 - t0) * 1000.0,
             route_ms=(t2 - t1) * 1000.0,
@@ -193,7 +227,13 @@ class Pipeline:
     async def report_outcomes(self, outcomes: list[Outcome]) -> OutcomeReport:
         # The tracker makes outcomes durable (file fsync or Redis) before it returns: off-loop.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._light_pool, self.tracker.record_outcomes, outcomes)
+        report = await loop.run_in_executor(self._outcome_pool, self.tracker.record_outcomes, outcomes)
+        # Only after they are durable: the router learns each (request, item, event) once.
+        self.router.observe_outcomes(outcomes)
+        if self.decision_log is not None:
+            for outcome in outcomes:
+                self.decision_log.write(outcome)
+        return report
 
     def routing_stats(self) -> dict[str, Any]:
         stats = {"router": self.router.stats(), "segments": self.tracker.snapshot()}

@@ -35,7 +35,7 @@ import numpy as np
 from dlrm.schema import FeatureSchema
 from serving.clock import Clock, MonotonicClock
 from serving.controller import ControllerConfig, LambdaController
-from serving.domain import Decision, Path_
+from serving.domain import Decision, Outcome, Path_
 from serving.router import FixedRouter, RouteContext, Router
 from serving.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
 
@@ -89,6 +89,8 @@ class ValueAwareConfig:
     importance_weighting: bool = True
     """Weight value-model labels by 1 / P(full path), so the model fits all traffic, not only
     the requests the router already sent to the full path."""
+    outcome_memory: int = 100_000
+    """Recent requests (and outcome keys) remembered to attribute reported outcomes."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The lambda controller's budget, latency target and gains."""
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
@@ -110,6 +112,8 @@ class ValueAwareConfig:
             raise ValueError(f"{self.cold_start_labels=} must be >= 0")
         if self.scale_prior < 0:
             raise ValueError(f"{self.scale_prior=} must be >= 0")
+        if self.outcome_memory < 1:
+            raise ValueError(f"{self.outcome_memory=} must be >= 1")
         if self.value_window < 10:
             raise ValueError(f"{self.value_window=} must be >= 10")
 
@@ -219,6 +223,10 @@ class ValueAwareRouter(Router):
         self._since_lambda = 0
         self._pending: OrderedDict[str, tuple[np.ndarray, np.ndarray, float]] = OrderedDict()
         self._pending_max = 8192
+        # Requests decided here, for outcomes reported later, and outcome keys already applied.
+        self._served: OrderedDict[str, tuple[str, Path_, float]] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int, str], None] = OrderedDict()
+        self._memory = config.outcome_memory
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -247,9 +255,7 @@ class ValueAwareRouter(Router):
                 explored = True
             else:
                 rule_full = uplift - lam * extra_ms > 0.0
-                reason = (
-                    f"uplift ${uplift:.5f} {'>' if rule_full else '<='} lambda x {extra_ms:.3f} ms extra"
-                )
+                reason = f"uplift ${uplift:.5f} {'>' if rule_full else '<='} lambda x {extra_ms:.3f} ms extra"
                 if not rule_full and share >= self.config.max_cheap_share:
                     rule_full = True
                     reason = f"guardrail: cheap share {share:.2f} of {ctx.segment} at its cap"
@@ -265,6 +271,9 @@ class ValueAwareRouter(Router):
                 self._pending[ctx.request_id] = (feats[0], feats[1], p_full)
                 if len(self._pending) > self._pending_max:
                     self._pending.popitem(last=False)
+            self._served[ctx.request_id] = (ctx.segment, path, propensity)
+            if len(self._served) > self._memory:
+                self._served.popitem(last=False)
             seg.add(
                 now,
                 requests=1.0,
@@ -352,6 +361,21 @@ class ValueAwareRouter(Router):
             relative = self._scale(surface) / (g.get("revenue") / g.get("model_value"))
         weight = relative * relative
         return weight / p_full if self.config.importance_weighting else weight
+
+    def observe_outcomes(self, outcomes: list[Outcome]) -> None:
+        """Outcomes of requests decided here (others, and repeats, are ignored)."""
+        known = []
+        with self._lock:
+            for outcome in outcomes:
+                served = self._served.get(outcome.request_id)
+                if served is None or outcome.revenue == 0.0 or outcome.key in self._seen:
+                    continue
+                self._seen[outcome.key] = None
+                if len(self._seen) > self._memory:
+                    self._seen.popitem(last=False)
+                known.append((*served, outcome.revenue))
+        for segment, path, propensity, revenue in known:
+            self.observe_outcome(segment, path, revenue, propensity)
 
     def observe_outcome(self, segment: str, path: Path_, revenue: float, propensity: float) -> None:
         if not 0.0 < propensity <= 1.0:

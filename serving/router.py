@@ -7,8 +7,10 @@ says which path and why. They may learn from four feedback hooks, all called by 
 * ``observe(segment, path, compute_ms, latency_ms)`` after every served request;
 * ``observe_scored(ctx, full_scores)`` after the full path scored a request: the full model's
   scores of all its candidates, from which a policy can value both paths' slates;
-* ``observe_outcome(segment, path, revenue, propensity)`` for every newly accepted outcome that
-  carries revenue, with the cell and propensity of the request it belongs to.
+* ``observe_outcomes(outcomes)`` with every batch of outcomes the revenue tracker accepted; a
+  policy maps them to the requests it decided itself (and ignores repeats), or
+  ``observe_outcome(segment, path, revenue, propensity)`` when the caller already knows the cell
+  and propensity of the request (offline replay).
 
 The concrete policies beyond ``FixedRouter`` live in ``serving.policies`` (``make_router``).
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.domain import Candidates, Decision, Path_, RequestFeatures
+from serving.domain import Candidates, Decision, Outcome, Path_, RequestFeatures
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Router(ABC):
 
     def observe_outcome(self, segment: str, path: Path_, revenue: float, propensity: float) -> None:  # noqa: B027
         """Revenue realised by a request the router served with ``path`` (default: ignore)."""
+
+    def observe_outcomes(self, outcomes: list[Outcome]) -> None:  # noqa: B027
+        """Outcomes reported for requests (default: ignore)."""
 
     def stats(self) -> dict[str, Any]:
         return {"policy": self.name}

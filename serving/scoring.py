@@ -7,7 +7,6 @@ the asyncio event loop.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -19,6 +18,7 @@ from dlrm.factored import FactoredDLRM
 from embeddings.catalog import Catalog
 from embeddings.store import StoreBackedTables
 from serving.domain import Candidates, Path_, RequestFeatures
+from serving.item_rows import StoreItemRows
 
 
 class Scorer(ABC):
@@ -28,17 +28,23 @@ class Scorer(ABC):
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         """One float32 score array per request, aligned with its candidates."""
 
+    def prefetch(self, request: RequestFeatures, candidates: Candidates) -> None:  # noqa: B027
+        """Start reading what scoring ``candidates`` needs, before the request waits for a batch."""
+
     def store_stats(self) -> dict[str, Any] | None:
         """Counters of the embedding store this scorer reads rows from (None: no store)."""
         return None
+
+    def close(self) -> None:  # noqa: B027 - optional for scorers that hold nothing
+        """Release the scorer's threads."""
 
 
 class FullScorer(Scorer):
     """The DLRM, request side computed once per request (``FactoredDLRM``).
 
-    When the item-side tables are a ``StoreBackedTables`` (the Redis tier), a batch's item
-    lookup is bounded by the earliest deadline of its requests: rows not fetched by then are
-    the store's default rows, counted, so a slow or dead store never fails a request.
+    When the model's item-side tables are a ``StoreBackedTables`` (the Redis tier), they are
+    replaced by rows the scorer reads itself (``serving.item_rows``): prefetched when the
+    request queues, within its deadline, default rows (counted) when late.
     """
 
     path: Path_ = "full"
@@ -48,10 +54,9 @@ class FullScorer(Scorer):
         self.catalog = catalog
         self.threads = threads
         tables = model.item_tables
-        self.item_store = tables if isinstance(tables, StoreBackedTables) else None
-        # A snapshot taken on the model thread after each batch: the stats call on the event
-        # loop then never waits for the store's lock, which a lookup holds across its round trip.
-        self._store_stats = None if self.item_store is None else self.item_store.store.stats()
+        self.item_rows = StoreItemRows(tables, catalog) if isinstance(tables, StoreBackedTables) else None
+        if self.item_rows is not None:
+            model.item_tables = self.item_rows.module
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):
@@ -62,26 +67,27 @@ class FullScorer(Scorer):
         req_sparse = torch.from_numpy(np.stack([r.sparse for r in requests]))
         item_ids = np.concatenate([c.item_ids for c in candidates])
         item_sparse = torch.from_numpy(self.catalog.item_sparse[item_ids])
-        with self._item_deadline(requests):
-            logits = self.model(
-                dense,
-                single_hot_kjt(self.model.request_keys, req_sparse),
-                single_hot_kjt(self.model.item_keys, item_sparse),
-                counts,
-            )
-        if self.item_store is not None:
-            self._store_stats = self.item_store.store.stats()
+        if self.item_rows is not None:
+            self.item_rows.rows(requests, candidates)
+        logits = self.model(
+            dense,
+            single_hot_kjt(self.model.request_keys, req_sparse),
+            single_hot_kjt(self.model.item_keys, item_sparse),
+            counts,
+        )
         probs = torch.sigmoid(logits).numpy()
         return list(np.split(probs, np.cumsum(counts)[:-1]))
 
-    def store_stats(self) -> dict[str, Any] | None:
-        return self._store_stats
+    def prefetch(self, request: RequestFeatures, candidates: Candidates) -> None:
+        if self.item_rows is not None:
+            self.item_rows.prefetch(request, candidates)
 
-    def _item_deadline(self, requests: list[RequestFeatures]) -> contextlib.AbstractContextManager[None]:
-        if self.item_store is None:
-            return contextlib.nullcontext()
-        deadlines = [r.deadline for r in requests if r.deadline is not None]
-        return self.item_store.deadline(min(deadlines) if deadlines else None)
+    def store_stats(self) -> dict[str, Any] | None:
+        return None if self.item_rows is None else self.item_rows.stats()
+
+    def close(self) -> None:
+        if self.item_rows is not None:
+            self.item_rows.close()
 
 
 class CheapScorer(Scorer):

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from embeddings.store import EmbeddingStore, open_store
 from serving.assets import ServingAssets, build_pipeline, load_store_config
 from serving.convert import MAX_OUTCOMES
+from serving.decision_log import DecisionLog
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.policies import POLICY_NAMES, make_router
 from serving.service import SERVICE_NAME, RecommenderServicer, add_to_server
@@ -69,6 +70,9 @@ class ServeConfig:
     """Item-side embedding store config file (JSON, e.g. ``{"type": "redis", "port": 6379,
     "cache_rows": 50000}``; rows pushed by ``valuerank embeddings push``); None: item tables
     in process. Request-side tables stay in process either way."""
+    decision_log: str | None = None
+    """Append every routing decision and outcome to this JSONL file (``serving.decision_log``) for
+    off-policy evaluation with ``valuerank replay --log``; None: no log."""
     max_outcomes: int = MAX_OUTCOMES
     """Most outcomes accepted in one ReportOutcomes call."""
     reuse_port: bool = False
@@ -192,7 +196,13 @@ class RunningServer:
             self._item_store = open_store(store_config)  # monotonic: the pipeline's clock
         return build_pipeline(
             assets,
-            router=make_router(cfg.policy, rng_seed=cfg.seed, schema=assets.model.schema),
+            router=make_router(
+                cfg.policy,
+                rng_seed=cfg.seed,
+                schema=assets.model.schema,
+                item_values=assets.catalog.item_price,
+            ),
+            decision_log=DecisionLog(Path(cfg.decision_log)) if cfg.decision_log else None,
             tracker=tracker,
             config=self.config.pipeline_config(),
             model_threads=self.config.model_threads,

@@ -182,7 +182,7 @@ def test_bench_scoring_reports_json() -> None:
             assert section[key] > 0 or key == "max_abs_score_diff"
         for who in ("baseline", "valuerank"):
             assert section[who]["candidates_per_s"] > 0
-        assert set(section["valuerank"]["request_ms"]) == {"p50", "p99"}
+        assert set(section["valuerank"]["request_ms"]) == {"p50", "p99", "min"}
         assert section["binding"] in ("compute", "gather")
         assert section["roofline_fraction"] > 0
         assert len(section["ratio_by_repeat"]) == 2
@@ -190,6 +190,9 @@ def test_bench_scoring_reports_json() -> None:
         assert set(section["precisions"]) == {"fp32", "reduced"}
         assert section["precisions"]["fp32"]["variant"].startswith("fast_fp32")
         assert 0 < section["precisions"]["reduced"]["max_abs_score_diff"] < 0.1
+        assert section["variants"]["factored"]["max_abs_score_diff"] <= 1e-4
+    assert report["ids_per_item_bag"] == 1
+    assert report["multi_hot"]["ids_per_item_bag"] > 4
     assert report["multi_hot"]["lookups_per_candidate"] > 4 * report["lookups_per_candidate"]
     for key in ("matmul_gflops", "gather_gbps"):
         assert report["machine"][key] > 0
