@@ -43,7 +43,7 @@ class Rows:
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"{holdout=} must be in (0, 1)")
         perm = np.random.default_rng(seed).permutation(len(self))
-        n_test = max(1, int(round(len(self) * holdout)))
+        n_test = max(1, round(len(self) * holdout))
         return self.take(perm[n_test:]), self.take(perm[:n_test])
 
     def save(self, path: Path) -> None:

@@ -225,7 +225,10 @@ async def _drive(world: World, target: str, args: argparse.Namespace) -> dict[st
 def _print_table(summary: dict[str, object]) -> None:
     surfaces = summary["surfaces"]
     assert isinstance(surfaces, dict)
-    header = f"{'surface':<26}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'full %':>8}{'$/inference':>13}{'expected $':>12}"
+    header = (
+        f"{'surface':<26}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'full %':>8}"
+        f"{'$/inference':>13}{'expected $':>12}"
+    )
     print(header)
     print("-" * len(header))
     for name, row in surfaces.items():
@@ -236,7 +239,8 @@ def _print_table(summary: dict[str, object]) -> None:
         )
     print("-" * len(header))
     print(
-        f"{summary['requests']} requests ({summary['failures']} failed) at {summary['throughput_rps']} req/s, "
+        f"{summary['requests']} requests ({summary['failures']} failed) at "
+        f"{summary['throughput_rps']} req/s, "
         f"p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms; outcomes accepted "
         f"{summary['outcomes_accepted']}, duplicates {summary['outcomes_duplicates']}; "
         f"server exit code {summary['server_exit_code']}; {summary['total_seconds']} s in all"

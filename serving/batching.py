@@ -10,6 +10,7 @@ failure is set on every future of the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -80,10 +81,8 @@ class MicroBatcher(Generic[In, Out]):
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()

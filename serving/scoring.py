@@ -16,6 +16,7 @@ import torch
 from dlrm.data import single_hot_kjt
 from dlrm.factored import FactoredDLRM
 from embeddings.catalog import Catalog
+from embeddings.fast_path import FastDLRM
 from embeddings.store import StoreBackedTables
 from serving.domain import Candidates, Path_, RequestFeatures
 from serving.item_rows import StoreItemRows
@@ -40,7 +41,9 @@ class Scorer(ABC):
 
 
 class FullScorer(Scorer):
-    """The DLRM, request side computed once per request (``FactoredDLRM``).
+    """The DLRM, request side computed once per request (``FactoredDLRM``), run as a few large
+    matrix products per request (``FastDLRM``: same results up to float rounding, 2.4x faster
+    than TorchRec's eager DLRM on the reference model, ``valuerank bench scoring``).
 
     When the model's item-side tables are a ``StoreBackedTables`` (the Redis tier), they are
     replaced by rows the scorer reads itself (``serving.item_rows``): prefetched when the
@@ -57,6 +60,7 @@ class FullScorer(Scorer):
         self.item_rows = StoreItemRows(tables, catalog) if isinstance(tables, StoreBackedTables) else None
         if self.item_rows is not None:
             model.item_tables = self.item_rows.module
+        self.model = FastDLRM(model)
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):

@@ -194,7 +194,7 @@ def test_build_pipeline_serves_the_chosen_precision(
     for precision, data_type in (("auto", DataType.FP16), ("int8", DataType.INT8), ("fp32", DataType.FP32)):
         pipeline = build_pipeline(assets, precision=precision)
         try:
-            full = pipeline.scorers["full"].model  # type: ignore[attr-defined]
+            full = pipeline.scorers["full"].model.factored  # type: ignore[attr-defined]
             for tables in (full.request_tables, full.item_tables):
                 assert isinstance(tables, QuantEBC)
                 assert {c.data_type for c in tables.embedding_bag_configs()} == {data_type}
