@@ -320,7 +320,7 @@ def _fit(
             _batches(fit_rows, config.batch_size, order),
             total=steps,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
+            disable=not progress or not sys.stderr.isatty(),  # logs get the per-epoch line
             file=sys.stderr,
             leave=False,
         )

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
-from serving import client_cmd, serve_cmd
+from serving import client_cmd, serve_cmd, stats_cmd
 from serving.assets import build_pipeline
 from serving.pipeline import Pipeline
 from serving.retriever import FaissRetriever
@@ -359,6 +359,27 @@ def test_recommend_command_prints_json(grpc_server: str, capsys: pytest.CaptureF
 
     assert client_cmd.main(["--target", grpc_server, "--k", "0"]) == 2
     assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
+
+
+def test_routing_stats_command_counts_served_requests(
+    grpc_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stats_cmd.main(["--target", grpc_server, "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert client_cmd.main(["--target", grpc_server, "--surface", SURFACE, "--request-id", "stats-1"]) == 0
+    capsys.readouterr()
+    assert stats_cmd.main(["--target", grpc_server, "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+
+    def served(stats: dict[str, object]) -> float:
+        segments = stats["segments"]
+        assert isinstance(segments, dict)
+        return sum(cell["inferences"] for paths in segments.values() for cell in paths.values())
+
+    assert served(after) == served(before) + 1
+    assert stats_cmd.main(["--target", grpc_server]) == 0
+    assert "policy" in capsys.readouterr().out
+    assert stats_cmd.main(["--target", "127.0.0.1:1", "--timeout", "0.5"]) == 2
 
 
 def test_serve_command_serves_until_sigterm(
