@@ -78,9 +78,6 @@ class PrecisionConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["precision"]:  # `valuerank bench precision` passes its last word on
-        args = args[1:]
     parser = argparse.ArgumentParser(prog="valuerank bench precision", description=__doc__)
     parser.add_argument("--world", type=Path, default=None, help="world config file (default: bundled)")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts folder")
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refresh", action="store_true", help="measure again even if precision.json exists")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_flags(parser, PrecisionConfig)
-    ns = parser.parse_args(args)
+    ns = parser.parse_args(argv)
     try:
         config = from_flags(PrecisionConfig, ns)
         if ns.model is not None:

@@ -43,12 +43,9 @@ REMOTE: dict[str, type[Any]] = {"redis": RedisStoreConfig, "redis-cluster": Redi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["push"]:  # the CLI passes the subcommand's last word on
-        args = args[1:]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--store", choices=sorted(REMOTE), default="redis")
-    known, _ = pre.parse_known_args(args)
+    known, _ = pre.parse_known_args(argv)
     config_cls = REMOTE[known.store]
     parser = argparse.ArgumentParser(
         prog="valuerank embeddings push",
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = tuple(f.name for f in dataclasses.fields(RemoteOptions))
     add_flags(parser, RemoteOptions, skip=tuple(n for n in shared if n != "key_prefix"))
     add_flags(parser, config_cls, skip=(*shared, "type"))
-    ns = parser.parse_args(args)
+    ns = parser.parse_args(argv)
     try:
         config: RedisStoreConfig | RedisClusterStoreConfig = from_flags(config_cls, ns)
         if ns.buckets < 1 or ns.chunk_rows < 1:

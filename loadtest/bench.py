@@ -92,8 +92,7 @@ class BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="valuerank bench", description=__doc__)
-    parser.add_argument("what", choices=["scoring"], help="what to benchmark")
+    parser = argparse.ArgumentParser(prog="valuerank bench scoring", description=__doc__)
     add_flags(parser, BenchConfig)
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     args = parser.parse_args(argv)

@@ -95,9 +95,6 @@ class RedisBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["redis"]:  # the CLI passes the subcommand's last word on
-        args = args[1:]
     parser = argparse.ArgumentParser(
         prog="valuerank bench redis",
         description=__doc__,
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON line instead of indented JSON")
     add_flags(parser, RedisBenchConfig)
-    ns = parser.parse_args(args)
+    ns = parser.parse_args(argv)
     try:
         config = from_flags(RedisBenchConfig, ns)
     except ValueError as exc:

@@ -132,9 +132,6 @@ class ServingBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["serving"]:  # the CLI passes the subcommand's last word on
-        args = args[1:]
     parser = argparse.ArgumentParser(
         prog="valuerank bench serving",
         description=__doc__,
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON line instead of indented JSON")
     add_flags(parser, ServingBenchConfig)
-    ns = parser.parse_args(args)
+    ns = parser.parse_args(argv)
     try:
         config = from_flags(ServingBenchConfig, ns)
     except ValueError as exc:

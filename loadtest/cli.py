@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for words, module, _ in sorted(COMMANDS, key=lambda c: -len(c[0])):
         if tuple(args[: len(words)]) == words:
             entry = importlib.import_module(module)
-            # Multi-word commands pass their last word on ("bench scoring" -> ["scoring", ...]).
-            rest = args[len(words) - 1 :] if len(words) > 1 else args[1:]
-            return int(entry.main(rest))
+            return int(entry.main(args[len(words) :]))
     print(f"valuerank: unknown command {' '.join(args[:2])!r}\n\n{usage()}", file=sys.stderr)
     return 2
 

@@ -53,14 +53,13 @@ class FullScorer(Scorer):
     path: Path_ = "full"
 
     def __init__(self, model: FactoredDLRM, catalog: Catalog, threads: int = 1) -> None:
-        self.model = model
         self.catalog = catalog
         self.threads = threads
         tables = model.item_tables
         self.item_rows = StoreItemRows(tables, catalog) if isinstance(tables, StoreBackedTables) else None
         if self.item_rows is not None:
             model.item_tables = self.item_rows.module
-        self.model = FastDLRM(model)
+        self.model: FastDLRM = FastDLRM(model)
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):

@@ -171,7 +171,7 @@ def test_packed_tables_share_the_weight_and_check_keys() -> None:
 
 
 def test_bench_scoring_reports_json() -> None:
-    argv = ["scoring", "--rows-per-table", "64", "--candidates", "16", "--requests", "2"]
+    argv = ["--rows-per-table", "64", "--candidates", "16", "--requests", "2"]
     argv += ["--repeats", "2", "--no-compile", "--json"]
     out = io.StringIO()
     with redirect_stdout(out):
@@ -202,6 +202,6 @@ def test_bench_rejects_bad_flags() -> None:
     with pytest.raises(ValueError, match="candidates"):
         bench.BenchConfig(candidates=0)
     with pytest.raises(SystemExit):
-        bench.main(["scoring", "--requests", "0"])
+        bench.main(["--requests", "0"])
     with pytest.raises(SystemExit):
         bench.main(["training"])

@@ -92,7 +92,6 @@ def opened() -> Iterator[Opener]:
 
 def push_cli(artifact: Path, *target: str, prefix: str, encoding: str = "fp32") -> dict:
     args = [
-        "push",
         "--model",
         str(artifact),
         "--key-prefix",
@@ -309,7 +308,7 @@ def test_killing_a_cluster_node_under_traffic_degrades_only_its_rows(
 
 
 def test_bench_redis_runs_and_reports_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["redis", "--items", "3000", "--dim", "8", "--candidates", "40", "--warmup", "30"]
+    args = ["--items", "3000", "--dim", "8", "--candidates", "40", "--warmup", "30"]
     assert bench_redis.main([*args, "--requests", "20", "--no-cluster", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["lookup_ms"]) == set(out["scoring_ms"]) == {"in_process", "redis"}

@@ -45,7 +45,7 @@ def assets(serving_assets: ServingFolder) -> ServingAssets:
 
 
 def _push(node: RedisProcess, model_dir: Path, prefix: str) -> None:
-    argv = ["push", "--model", str(model_dir), "--port", str(node.port), "--key-prefix", prefix, "--json"]
+    argv = ["--model", str(model_dir), "--port", str(node.port), "--key-prefix", prefix, "--json"]
     assert push.main(argv) == 0
 
 
@@ -247,7 +247,7 @@ def test_store_config_files_are_typed_and_checked(
 
 
 def test_bench_serving_smoke_prints_both_p99s_ratio_and_hit_rates(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["serving", "--items", "2000", "--users", "500", "--candidates", "100", "--warmup", "20"]
+    argv = ["--items", "2000", "--users", "500", "--candidates", "100", "--warmup", "20"]
     argv += ["--requests", "30", "--concurrency", "2", "--cluster", "--late-lookup-arm", "--json"]
     assert bench_serving.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
@@ -259,4 +259,4 @@ def test_bench_serving_smoke_prints_both_p99s_ratio_and_hit_rates(capsys: pytest
     assert out["degraded_lookups"] == dict.fromkeys(remote, 0)
     assert out["stores"]["redis"]["lookups"] == 30 * 100 * ITEM_FEATURES
     assert out["cache_rows"] == int(0.05 * (2000 + 32 + 16)) and "load_average_1m" in out["machine"]
-    assert bench_serving.main(["serving", "--cache-frac", "0"]) == 2
+    assert bench_serving.main(["--cache-frac", "0"]) == 2
