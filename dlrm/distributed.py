@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import collective_utils
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -99,9 +100,10 @@ def shard_config(nproc: int | None, sharding: str | None) -> ShardConfig | None:
         if nproc is not None and nproc != env[1]:
             raise ValueError(f"--nproc {nproc} differs from torchrun's WORLD_SIZE={env[1]}")
         nproc = env[1]
-    if env is None and (nproc or 1) == 1 and sharding is None:
+    nproc = 1 if nproc is None else nproc
+    if env is None and nproc == 1 and sharding is None:
         return None
-    return ShardConfig(nproc or 1, sharding or "auto")  # type: ignore[arg-type]
+    return ShardConfig(nproc, sharding or "auto")  # type: ignore[arg-type]
 
 
 def torchrun_env() -> tuple[int, int] | None:
@@ -158,7 +160,7 @@ def plan_tables(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
     module_plan = plan.plan[EMBEDDINGS_FQN]
     return {
         table: {"sharding": ps.sharding_type, "ranks": list(ps.ranks or [])}
-        for table, ps in sorted(module_plan.items())  # type: ignore[attr-defined]
+        for table, ps in sorted(module_plan.items())
     }
 
 
@@ -286,7 +288,7 @@ def _stop(followers: mp.ProcessContext) -> None:
     """After the leader failed: log why a follower failed, if one did, and end the others."""
     try:
         followers.join(timeout=5.0)
-    except mp.ProcessException as exc:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         log.error("a follower failed too: %s", exc)
     for proc in followers.processes:
         if proc.is_alive():
@@ -309,15 +311,21 @@ def follow() -> int:
 
 
 def _follower_main(index: int, port: int, world_size: int) -> None:
-    with _quiet_torch():
-        store = dist.TCPStore(HOST, port, world_size, is_master=False)
-        dist.init_process_group(
-            "gloo", store=store, rank=index + 1, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-        )
-        try:
-            _serve()
-        finally:
-            dist.destroy_process_group()
+    rank = index + 1
+    try:
+        with _quiet_torch():
+            store = dist.TCPStore(HOST, port, world_size, is_master=False)
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+            )
+            try:
+                _serve()
+            finally:
+                dist.destroy_process_group()
+    except Exception:
+        # Now, not at join: the leader may be waiting in a collective that will never finish.
+        log.exception("rank %d of %d failed", rank, world_size)
+        raise
 
 
 def _serve() -> None:
@@ -386,11 +394,15 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
     ]
     dist.broadcast_object_list(box, src=0)  # one plan for all ranks: rank 0's
     plan: ShardingPlan = box[0]
+    # TorchRec broadcasts a validation flag in the first DMP of a process and caches it in a
+    # global; a leader that trained before would skip the broadcast that a fresh follower
+    # waits for. Forgetting it on every rank keeps the ranks' collectives in step.
+    collective_utils._INITIALIZED = False
     dmp = DistributedModelParallel(
         model,
-        env=ShardingEnv.from_process_group(dist.group.WORLD),  # type: ignore[arg-type]
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
         plan=plan,
-        sharders=[_sharder(config)],  # type: ignore[list-item]
+        sharders=[_sharder(config)],
         device=torch.device("cpu"),
     )
     _load_full_state(dmp, initial)
@@ -491,7 +503,8 @@ def _gather_full_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]
     out: dict[str, torch.Tensor] = {}
     for key, value in dmp.state_dict().items():
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=torch.float32) if rank == 0 else None
+            # metadata(), not size(): torch ops on a ShardedTensor warn that it is deprecated.
+            full = torch.empty(value.metadata().size, dtype=torch.float32) if rank == 0 else None
             value.gather(dst=0, out=full)
             if full is not None:
                 out[key] = full

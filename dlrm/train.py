@@ -9,11 +9,16 @@ The two sources have their own defaults (``TrainConfig()`` for the world, ``CRIT
 ``criteo_model_config`` for the few thousand Criteo rows, where regularisation matters most);
 flags given on the command line override either. A finished artifact of the same data and
 configs is reused, not retrained.
+
+``--nproc N`` (or starting it under ``torchrun``) trains with TorchRec's planner and
+DistributedModelParallel on N CPU processes (``dlrm.distributed``); ``--sharding`` picks
+table-wise or row-wise shards. The artifact is unsharded either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,6 +39,7 @@ from dlrm.artifact import ModelArtifact, config_key, is_complete, load_artifact,
 from dlrm.configs import add_flags
 from dlrm.criteo import CriteoConfig, Vocabulary, hash_ids, read_criteo
 from dlrm.data import Rows, single_hot_kjt
+from dlrm.distributed import ShardConfig, fit_sharded, follow, leading, shard_config, torchrun_env
 from dlrm.model import ModelConfig, build_dlrm
 from dlrm.schema import FeatureSchema, load_schema
 from dlrm.synth import ensure_world_logs
@@ -112,34 +118,48 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser, TrainConfig)
     add_flags(parser, ModelConfig)
     add_flags(parser, CriteoConfig)
+    add_flags(parser, ShardConfig)
     # Unset flags stay None, so each source's own defaults apply unless a flag overrides them.
-    unset = {f.name: None for cls in (TrainConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    unset = {f.name: None for cls in (TrainConfig, ModelConfig, ShardConfig) for f in dataclasses.fields(cls)}
     parser.set_defaults(**unset)
     args = parser.parse_args(argv)
     progress = not args.json or sys.stderr.isatty()
     try:
-        if args.criteo is not None:
-            schema = load_schema(args.schema or "criteo")
-            art = train_criteo(
-                args.criteo,
-                args.artifacts,
-                criteo=CriteoConfig(holdout=args.holdout, min_count=args.min_count),
-                schema=schema,
-                model_config=_override(criteo_model_config(schema), args),
-                train_config=_override(CRITEO_TRAIN, args),
-                progress=progress,
-            )
-        else:
-            art = train_world(
-                WorldConfig.load(args.world),
-                args.artifacts,
-                _override(ModelConfig(), args),
-                _override(TrainConfig(), args),
-                progress=progress,
-            )
-    except (ValueError, FileNotFoundError) as exc:
+        shard = shard_config(args.nproc, args.sharding)
+    except ValueError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
+    torchrun = torchrun_env() if shard is not None else None
+    if torchrun is not None and torchrun[0] > 0:
+        return follow()  # torchrun's other ranks train what rank 0 sends them, print nothing
+    # Under torchrun, rank 0 leads the group for the whole command (its followers are released
+    # even when an artifact is reused); otherwise each training opens and closes its own group.
+    with leading(torchrun[1]) if torchrun is not None else contextlib.nullcontext():
+        try:
+            if args.criteo is not None:
+                schema = load_schema(args.schema or "criteo")
+                art = train_criteo(
+                    args.criteo,
+                    args.artifacts,
+                    criteo=CriteoConfig(holdout=args.holdout, min_count=args.min_count),
+                    schema=schema,
+                    model_config=_override(criteo_model_config(schema), args),
+                    train_config=_override(CRITEO_TRAIN, args),
+                    progress=progress,
+                    shard=shard,
+                )
+            else:
+                art = train_world(
+                    WorldConfig.load(args.world),
+                    args.artifacts,
+                    _override(ModelConfig(), args),
+                    _override(TrainConfig(), args),
+                    progress=progress,
+                    shard=shard,
+                )
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"train: error: {exc}", file=sys.stderr)
+            return 2
     out = {"model_version": art.version, "artifact": str(art.path), **art.metrics}
     if "ground_truth_auc" in out:
         print(
@@ -169,13 +189,22 @@ def train_world(
     train_config: TrainConfig = TrainConfig(),
     *,
     progress: bool = True,
+    shard: ShardConfig | None = None,
 ) -> ModelArtifact:
-    """Train on the world's logs (reusing a finished artifact of the same config)."""
+    """Train on the world's logs (reusing a finished artifact of the same config).
+
+    ``shard`` trains sharded across ``shard.nproc`` ranks (``dlrm.distributed``) instead of ``fit``.
+    """
     model_config = model_config or ModelConfig()
     logs = ensure_world_logs(world_config, artifacts, log=progress)
     schema = load_schema(world_config.schema)
     key = config_key(
-        "world", world_config.key(), schema.to_dict(), asdict(model_config), asdict(train_config)
+        "world",
+        world_config.key(),
+        schema.to_dict(),
+        asdict(model_config),
+        asdict(train_config),
+        *_shard_key(shard),
     )
     path = artifacts / "model" / key
     if is_complete(path):
@@ -183,7 +212,7 @@ def train_world(
             print(f"train: reusing {path}", file=sys.stderr)
         return load_artifact(path)
     started = time.perf_counter()
-    model, record = fit(schema, model_config, train_config, logs.train, progress=progress)
+    model, record = _fit_on(shard, schema, model_config, train_config, logs.train, progress)
     train_seconds = time.perf_counter() - started
     test = logs.test
     test_metrics = evaluate(model, schema, test)
@@ -212,6 +241,7 @@ def train_criteo(
     model_config: ModelConfig | None = None,
     train_config: TrainConfig = CRITEO_TRAIN,
     progress: bool = True,
+    shard: ShardConfig | None = None,
 ) -> ModelArtifact:
     """Train on a Criteo TSV file with a random held-out split (seeded by the train seed).
 
@@ -230,6 +260,7 @@ def train_criteo(
         schema.to_dict(),
         asdict(model_config),
         asdict(train_config),
+        *_shard_key(shard),
     )
     path = artifacts / "model" / key
     if is_complete(path):
@@ -247,7 +278,7 @@ def train_criteo(
         else (hash_ids(train_raw, schema), hash_ids(test_raw, schema))
     )
     started = time.perf_counter()
-    model, record = fit(schema, model_config, train_config, train, progress=progress)
+    model, record = _fit_on(shard, schema, model_config, train_config, train, progress)
     train_seconds = time.perf_counter() - started
     test_metrics = evaluate(model, schema, test)
     result = {
@@ -273,6 +304,24 @@ def train_criteo(
 
 
 # -- training -----------------------------------------------------------------------------
+
+
+def _fit_on(
+    shard: ShardConfig | None,
+    schema: FeatureSchema,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    train: Rows,
+    progress: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if shard is None:
+        return fit(schema, model_config, config, train, progress=progress)
+    return fit_sharded(schema, model_config, config, train, shard, evaluate=evaluate, progress=progress)
+
+
+def _shard_key(shard: ShardConfig | None) -> list[dict[str, Any]]:
+    # Unsharded artifacts keep the keys they had before sharding existed.
+    return [] if shard is None else [asdict(shard)]
 
 
 def fit(
