@@ -5,8 +5,14 @@ spawns N - 1 followers on 127.0.0.1) or rank 0 of ``torchrun`` (whose other rank
 ``follow``). The leader broadcasts one job (configs and training rows) and every rank trains
 the same global batches in the same order as ``dlrm.train.fit`` for the seed: rank ``r`` takes
 the ``r``-th slice of each batch. The MLPs are data parallel (DDP averages their gradients); the
-embedding tables are model parallel, sharded table-wise or row-wise by TorchRec's planner, and
-updated inside the backward pass by FBGEMM's fused row-wise Adagrad.
+embedding tables are model parallel, sharded table-wise or row-wise by TorchRec's planner.
+
+The tables' optimiser is, by default, fit's own: torch's Adagrad with weight decay on every
+row, over the dense gradient of each rank's shards (TorchRec's ``dense`` kernel), so N ranks
+train the same model as ``fit``. The alternative, FBGEMM's row-wise Adagrad fused into the
+backward (TorchRec's ``fused`` kernel), never materialises a table-sized gradient, but its CPU
+kernels ignore weight decay (measured): without it the rare ids memorise their rows and the
+default world loses about 0.012 test AUC, so it is opt-in and needs a weight decay of 0.
 
 The result does not depend on the number of ranks, up to float rounding: each rank's loss is
 scaled so that averaging over ranks gives the global batch's mean loss, and a short slice is
@@ -37,9 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import collective_utils
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -59,6 +65,8 @@ log = logging.getLogger(__name__)
 
 Sharding = Literal["table_wise", "row_wise", "auto"]
 SHARDINGS: tuple[Sharding, ...] = get_args(Sharding)
+EmbeddingOptimizer = Literal["adagrad", "fused_rowwise_adagrad"]
+EMBEDDING_OPTIMIZERS: tuple[EmbeddingOptimizer, ...] = get_args(EmbeddingOptimizer)
 _SHARDING_TYPES: dict[Sharding, list[str]] = {
     "table_wise": [ShardingType.TABLE_WISE.value],
     "row_wise": [ShardingType.ROW_WISE.value],
@@ -81,19 +89,27 @@ class ShardConfig:
     """How each embedding table is sharded across the ranks: table_wise (whole tables on one
     rank), row_wise (every table's rows split over all ranks) or auto (TorchRec's planner picks
     one of the two per table)."""
+    embedding_optimizer: EmbeddingOptimizer = "adagrad"
+    """adagrad: torch's Adagrad on the shards' dense gradients, as the single-process trainer
+    (weight decay on every row); fused_rowwise_adagrad: FBGEMM's, inside the backward, with no
+    table-sized gradient, but FBGEMM's CPU kernels ignore weight decay (it must be 0)."""
 
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError(f"{self.nproc=} must be >= 1")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"{self.sharding=} must be one of {SHARDINGS}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"{self.embedding_optimizer=} must be one of {EMBEDDING_OPTIMIZERS}")
 
 
-def shard_config(nproc: int | None, sharding: str | None) -> ShardConfig | None:
-    """The sharding asked for by ``--nproc`` / ``--sharding`` or torchrun; None trains unsharded.
+def shard_config(
+    nproc: int | None, sharding: str | None, embedding_optimizer: str | None = None
+) -> ShardConfig | None:
+    """The sharding asked for by the flags or by torchrun; None trains unsharded.
 
-    One process without ``--sharding`` is the plain single-process trainer; ``--nproc 1
-    --sharding X`` runs the sharded trainer on one rank (the reference for N ranks).
+    One process without ``--sharding`` (or ``--embedding-optimizer``) is the plain
+    single-process trainer; ``--nproc 1 --sharding X`` runs the sharded trainer on one rank.
     """
     env = torchrun_env()
     if env is not None:
@@ -101,9 +117,9 @@ def shard_config(nproc: int | None, sharding: str | None) -> ShardConfig | None:
             raise ValueError(f"--nproc {nproc} differs from torchrun's WORLD_SIZE={env[1]}")
         nproc = env[1]
     nproc = 1 if nproc is None else nproc
-    if env is None and nproc == 1 and sharding is None:
+    if env is None and nproc == 1 and sharding is None and embedding_optimizer is None:
         return None
-    return ShardConfig(nproc, sharding or "auto")  # type: ignore[arg-type]
+    return ShardConfig(nproc, sharding or "auto", embedding_optimizer or "adagrad")  # type: ignore[arg-type]
 
 
 def torchrun_env() -> tuple[int, int] | None:
@@ -123,10 +139,13 @@ def make_plan(
     *,
     model_config: ModelConfig | None = None,
     batch_size: int = 2048,
+    embedding_optimizer: EmbeddingOptimizer = "adagrad",
 ) -> ShardingPlan:
     """TorchRec's plan for the DLRM of ``schema`` on ``world_size`` CPU ranks.
 
-    ``sharding`` constrains the sharding types the planner may choose for every table.
+    ``sharding`` constrains the sharding types the planner may choose for every table. The
+    planner plans fused kernels; for ``adagrad`` their kernel is then switched to ``dense``
+    (same shards and placement), which TorchRec's planner accepts only for data-parallel tables.
     """
     if world_size < 1:
         raise ValueError(f"{world_size=} must be >= 1")
@@ -152,20 +171,24 @@ def make_plan(
         storage_reservation=FixedPercentageStorageReservation(0.15),
         debug=False,
     )
-    return planner.plan(model, [_sharder(None)])
+    plan = planner.plan(model, [_sharder(None)])
+    if embedding_optimizer == "adagrad":
+        for sharding_of_table in plan.plan[EMBEDDINGS_FQN].values():
+            sharding_of_table.compute_kernel = EmbeddingComputeKernel.DENSE.value
+    return plan
 
 
 def plan_tables(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
     """Per table: its sharding type and the ranks holding its shards."""
     module_plan = plan.plan[EMBEDDINGS_FQN]
     return {
-        table: {"sharding": ps.sharding_type, "ranks": list(ps.ranks or [])}
+        table: {"sharding": ps.sharding_type, "kernel": ps.compute_kernel, "ranks": list(ps.ranks or [])}
         for table, ps in sorted(module_plan.items())
     }
 
 
 class _CpuSharder(EmbeddingBagCollectionSharder):
-    """TorchRec's sharder, with row-wise sharding allowed on CPU.
+    """TorchRec's sharder, with row-wise shards and dense kernels allowed on CPU.
 
     TorchRec offers row-wise only for CUDA. Over gloo it works when every rank's local batch
     has the same size (the backward all_gather needs equal tensors), which the trainer ensures.
@@ -175,17 +198,20 @@ class _CpuSharder(EmbeddingBagCollectionSharder):
         types = super().sharding_types(compute_device_type)
         return types if ShardingType.ROW_WISE.value in types else [*types, ShardingType.ROW_WISE.value]
 
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        dense = EmbeddingComputeKernel.DENSE.value
+        return kernels if dense in kernels else [*kernels, dense]
+
 
 def _sharder(config: TrainConfig | None) -> _CpuSharder:
-    if config is None:  # planning only: the optimiser does not change the plan
+    if config is None:  # planning, or dense kernels: no fused optimiser
         return _CpuSharder()
     return _CpuSharder(
         fused_params={
             "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
             "learning_rate": config.embedding_lr,
             "eps": ADAGRAD_EPS,
-            "weight_decay": config.embedding_weight_decay,
-            "weight_decay_mode": WeightDecayMode.L2,
         }
     )
 
@@ -203,7 +229,7 @@ class _Job:
     schema: FeatureSchema
     model_config: ModelConfig
     config: TrainConfig
-    sharding: Sharding
+    shard: ShardConfig
     rows: Rows
     """The rows that are trained on (validation rows stay on rank 0)."""
 
@@ -223,11 +249,16 @@ def fit_sharded(
     ``evaluate`` scores validation rows on rank 0 (``dlrm.train.evaluate``, passed in because
     ``dlrm.train`` imports this module). Opens a group for the call unless one is led already.
     """
+    if shard.embedding_optimizer == "fused_rowwise_adagrad" and config.embedding_weight_decay > 0:
+        raise ValueError(
+            f"embedding_weight_decay={config.embedding_weight_decay} would be ignored: FBGEMM's CPU "
+            "kernels do not apply weight decay; set it to 0 or use the adagrad embedding optimiser"
+        )
     fit_rows, val_rows = (
         train.split(config.validation, config.seed) if config.validation > 0 else (train, None)
     )
     with leading(shard.nproc):
-        job = _Job(schema, model_config, config, shard.sharding, fit_rows)
+        job = _Job(schema, model_config, config, shard, fit_rows)
         dist.broadcast_object_list([job], src=0)
         result = _train_rank(job, _Rank0(val_rows, evaluate, progress))
     if result is None:  # unreachable: rank 0 always returns the gathered state
@@ -273,6 +304,7 @@ def leading(nproc: int) -> Iterator[None]:
         try:
             yield
             dist.broadcast_object_list([None], src=0)  # releases the followers
+            dist.barrier()  # closing while a peer still reads the release can abort it
         except BaseException:
             dist.destroy_process_group()
             if followers is not None:
@@ -333,6 +365,7 @@ def _serve() -> None:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
+            dist.barrier()  # the leader's, before anyone closes the group
             return
         _train_rank(box[0], None)
 
@@ -349,11 +382,28 @@ def _init_from_env(expect_rank: int | None) -> None:
 @contextmanager
 def _quiet_torch() -> Iterator[None]:
     # torch and torchrec deprecate APIs that TorchRec itself calls (ShardedTensor, DDP's
-    # broadcast_buffers, reduce_scatter_tensor): noise on every rank, nothing for us to fix.
+    # broadcast_buffers, reduce_scatter_tensor) and log a line per table for dense kernels:
+    # noise on every rank, nothing for us to fix.
+    noise = _DropLogs("caching params will be ignored")
+    logger = logging.getLogger("torchrec.distributed.utils")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(rec)?\.")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(rec)?\.")
-        yield
+        logger.addFilter(noise)
+        try:
+            yield
+        finally:
+            logger.removeFilter(noise)
+
+
+class _DropLogs(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
 # -- one rank's training ------------------------------------------------------------------
@@ -387,8 +437,16 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
             for p in model.sparse_arch.parameters():
                 p.normal_(0.0, config.embedding_init_std)
     initial = copy.deepcopy(model.state_dict())
+    fused = job.shard.embedding_optimizer == "fused_rowwise_adagrad"
     box = [
-        make_plan(schema, world, job.sharding, model_config=job.model_config, batch_size=config.batch_size)
+        make_plan(
+            schema,
+            world,
+            job.shard.sharding,
+            model_config=job.model_config,
+            batch_size=config.batch_size,
+            embedding_optimizer=job.shard.embedding_optimizer,
+        )
         if rank == 0
         else None
     ]
@@ -402,14 +460,20 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
         model,
         env=ShardingEnv.from_process_group(dist.group.WORLD),
         plan=plan,
-        sharders=[_sharder(config)],
+        sharders=[_sharder(config if fused else None)],
         device=torch.device("cpu"),
     )
     _load_full_state(dmp, initial)
     tables = {k for k in initial if k.startswith(EMBEDDINGS_FQN + ".")}
-    dense_params = [p for name, p in dmp.named_parameters() if name not in tables]
-    # The tables' optimiser is fused into their backward (FBGEMM); Adam for the MLPs.
-    adam = torch.optim.Adam(dense_params, lr=config.lr, weight_decay=config.weight_decay)
+    table_params = [p for name, p in dmp.named_parameters() if name in tables]
+    mlp_params = [p for name, p in dmp.named_parameters() if name not in tables]
+    # As in fit: Adagrad for the tables (unless FBGEMM's runs inside the backward), Adam for the MLPs.
+    optimisers: list[torch.optim.Optimizer] = [
+        torch.optim.Adam(mlp_params, lr=config.lr, weight_decay=config.weight_decay)
+    ]
+    if not fused:
+        decay = config.embedding_weight_decay
+        optimisers.append(torch.optim.Adagrad(table_params, lr=config.embedding_lr, weight_decay=decay))
     rows = job.rows
     rng = np.random.default_rng(config.seed)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -438,9 +502,11 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
             # DDP and TorchRec's all-to-all both average gradients over ranks: scaling each
             # rank's sum by world / |batch| makes that average the batch's mean-loss gradient.
             loss = weighted * (world / len(batch))
-            adam.zero_grad()
+            for opt in optimisers:
+                opt.zero_grad()
             loss.backward()
-            adam.step()
+            for opt in optimisers:
+                opt.step()
             local_loss += weighted.detach().double()
         dist.all_reduce(local_loss)
         state = _gather_full_state(dmp)
@@ -463,7 +529,12 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
         return None
     if best is None:  # unreachable: epochs >= 1 is validated
         raise ValueError("no epoch was trained")
-    shards = {"world_size": world, "sharding": job.sharding, "tables": plan_tables(plan)}
+    shards = {
+        "world_size": world,
+        "sharding": job.shard.sharding,
+        "embedding_optimizer": job.shard.embedding_optimizer,
+        "tables": plan_tables(plan),
+    }
     return best[2], {"best_epoch": best[1], "history": history, "shards": shards}
 
 
@@ -508,6 +579,6 @@ def _gather_full_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]
             value.gather(dst=0, out=full)
             if full is not None:
                 out[key] = full
-        else:
+        elif rank == 0:
             out[key] = value.detach().clone()
     return out

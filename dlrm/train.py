@@ -12,7 +12,8 @@ configs is reused, not retrained.
 
 ``--nproc N`` (or starting it under ``torchrun``) trains with TorchRec's planner and
 DistributedModelParallel on N CPU processes (``dlrm.distributed``); ``--sharding`` picks
-table-wise or row-wise shards. The artifact is unsharded either way.
+table-wise or row-wise shards. With the default ``--embedding-optimizer`` it trains the same
+model as one process, up to float rounding; the artifact is unsharded either way.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = not args.json or sys.stderr.isatty()
     try:
-        shard = shard_config(args.nproc, args.sharding)
+        shard = shard_config(args.nproc, args.sharding, args.embedding_optimizer)
     except ValueError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
