@@ -109,6 +109,15 @@ def criteo_model_config(schema: FeatureSchema) -> ModelConfig:
     return ModelConfig(bottom_mlp=(64, schema.embedding_dim), top_mlp=(64, 32, 1))
 
 
+def _finished(path: Path, progress: bool) -> ModelArtifact | None:
+    """The artifact already trained for this config key, if any (stages skip finished work)."""
+    if not is_complete(path):
+        return None
+    if progress:
+        print(f"train: reusing {path}", file=sys.stderr)
+    return load_artifact(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="valuerank train", description=__doc__)
     parser.add_argument("--world", type=Path, default=None, help="world config file (default: bundled)")
@@ -208,10 +217,8 @@ def train_world(
         *_shard_key(shard),
     )
     path = artifacts / "model" / key
-    if is_complete(path):
-        if progress:
-            print(f"train: reusing {path}", file=sys.stderr)
-        return load_artifact(path)
+    if (done := _finished(path, progress)) is not None:
+        return done
     started = time.perf_counter()
     model, record = _fit_on(shard, schema, model_config, train_config, logs.train, progress)
     train_seconds = time.perf_counter() - started
@@ -264,10 +271,8 @@ def train_criteo(
         *_shard_key(shard),
     )
     path = artifacts / "model" / key
-    if is_complete(path):
-        if progress:
-            print(f"train: reusing {path}", file=sys.stderr)
-        return load_artifact(path)
+    if (done := _finished(path, progress)) is not None:
+        return done
     raw, report = read_criteo(tsv, schema, raw_ids=True)
     if report.rows_malformed and progress:
         print(f"criteo: skipped {report.rows_malformed} malformed rows: {report.examples}", file=sys.stderr)
