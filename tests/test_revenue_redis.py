@@ -8,9 +8,6 @@ is what brings the state back. Time comes from a ManualClock.
 from __future__ import annotations
 
 import random
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -19,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loadtest.redis_local import RedisProcess, free_port, require_binaries
 from serving.clock import ManualClock
 from serving.domain import EVENTS, Outcome
 from serving.errors import Unavailable
@@ -35,55 +32,17 @@ pytestmark = pytest.mark.integration
 T0 = 1_700_000_000.0
 SEG_A = "ecommerce_recommendation/2"
 SEG_B = "video_effects/0"
-READY_TIMEOUT_S = 10.0
 
 
-class RedisServer:
-    """One ``redis-server`` with AOF on, owned by a test: start, kill -9, start again."""
+class RedisServer(RedisProcess):
+    """One ``redis-server`` with AOF on (``appendfsync always``), owned by a test: start, kill -9
+    (no shutdown, no final AOF flush), start again on the same port and directory."""
 
     def __init__(self, directory: Path) -> None:
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server must be on PATH (apt-get install redis-server)")
-        self.directory = directory
-        self.port = _free_port()
+        require_binaries()
+        aof = ("--appendonly", "yes", "--appendfsync", "always", "--logfile", str(directory / "redis.log"))
+        super().__init__(free_port(), directory, *aof)
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)]
-        args += ["--logfile", str(self.directory / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:  # refused while starting, LOADING while reading the AOF
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server on port {self.port} not ready in {READY_TIMEOUT_S}s")
-                try:  # bounded wait on the process itself: it returns at once if it died
-                    code = self.proc.wait(timeout=0.005)
-                    raise RuntimeError(f"redis-server exited with {code}: see {self.directory}/redis.log")
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL: no shutdown, no final AOF flush
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
