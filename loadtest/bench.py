@@ -157,6 +157,8 @@ def make_variants(
             specs += [(torch.bfloat16, False, True), (torch.bfloat16, True, True)]
     else:
         specs += [(torch.float32, True, False)]
+        if native_bf16:  # the reduced serving configuration below: fp16 rows and a bf16 MLP
+            specs += [(torch.bfloat16, True, False)]
     compile_s: dict[str, float] = {}
     probe = model.make_request(0, config.candidates)
     for mlp, fp16_rows, compiled in specs:
