@@ -20,7 +20,8 @@ the log's size more than the model, and drown the contextual crosses the router 
 
 Revenue: a shown item at position p is clicked with ``bias(p) * P(click)``, a click converts
 with the surface's conversion rate, a conversion earns ``price * take_rate[s]``. Take rates are
-calibrated so that an ideal ranking earns the surface's ``revenue_per_inference``.
+calibrated so that an ideal ranking (the top k by true expected revenue, ``P(click) x price``)
+earns the surface's ``revenue_per_inference``.
 Everything is deterministic from the config's seed.
 """
 
@@ -329,10 +330,11 @@ class World:
         return float(weight @ gross / weight.sum())
 
     def ideal_slates(self, req: Requests, k: int | None = None) -> np.ndarray:
-        """``n x k`` item ids a perfect ranker shows: the top ``k`` by true P(click), best first."""
+        """``n x k`` item ids a perfect ranker shows: the top ``k`` by true expected revenue,
+        ``P(click) x price`` (the surface's rates are common to a request), best first."""
         k = min(k or self.config.slate_size, self.n_items)
         catalog = np.broadcast_to(np.arange(self.n_items), (len(req), self.n_items))
-        p = self.click_prob(req, catalog)
+        p = self.click_prob(req, catalog) * self.item_price[None, :]
         top = np.argpartition(-p, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(p, top, axis=1), axis=1, kind="stable")
         return np.take_along_axis(top, order, axis=1)

@@ -155,8 +155,7 @@ def _ideal_slate_recall(
     """
     requests = world.sample_requests(SLATE_REQUESTS, rng)
     slate = world.config.slate_size
-    items = np.broadcast_to(np.arange(world.n_items), (len(requests), world.n_items))
-    ideal = np.argsort(-world.click_prob(requests, items), axis=1)[:, :slate]
+    ideal = world.ideal_slates(requests, slate)
     _, found = index.search(np.ascontiguousarray(user_vectors[requests.user]), k)
     hits = [np.intersect1d(f[f >= 0], t).size for f, t in zip(found, ideal, strict=True)]
     return {"k": k, "slate_size": slate, "requests": len(requests), "value": float(np.mean(hits) / slate)}

@@ -4,8 +4,9 @@ For each request of the world's replay log (time order): resolve its features wi
 ``FeatureResolver``, retrieve ``K`` candidates from the Faiss index, score them with the full
 path (``FullScorer``, micro-batches of ``batch`` requests like the pipeline's batcher) and the
 cheap path (``CheapScorer``, one request at a time like the pipeline), and take each path's
-top-k. Costs are measured live: ``time.thread_time`` around each scorer call, a request's cost
-being its share of its batch (as ``MicroBatcher`` reports ``compute_cpu_s``). Revenue is
+slate as the pipeline does (``serving.ranking``: top-k by P(click) x price, or by P(click)).
+Costs are measured live: ``time.thread_time`` around each scorer call, a request's cost being
+its share of its batch (as ``MicroBatcher`` reports ``compute_cpu_s``). Revenue is
 counterfactual: ``World.expected_revenue`` of each slate (exact expectation under the
 position-bias model), plus one realised draw per slate (``World.sample_outcomes``, seeded) that
 online policies learn from, as they would from reported outcomes in production.
@@ -26,6 +27,7 @@ from dlrm.world import Requests, World
 from serving.assets import ServingAssets
 from serving.domain import Candidates, Path_, Query, RequestFeatures
 from serving.features import FeatureResolver
+from serving.ranking import RankBy, item_values_for, ranking_keys, top_k
 from serving.retriever import FaissRetriever
 from serving.scoring import CheapScorer, FullScorer
 
@@ -56,8 +58,9 @@ class ScoredLog:
     k: int
     """Slate size."""
     schema: FeatureSchema
-    item_values: np.ndarray
-    """Price per item id: a catalog attribute any shop knows, which value-aware routing reads."""
+    item_values: np.ndarray | None
+    """What ranking multiplies P(click) by, per item id: the catalog's prices (a catalog attribute
+    any shop knows, which value-aware routing reads too), or None when ranking by click."""
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -76,6 +79,7 @@ def score_log(
     candidates: int,
     batch: int,
     seed: int,
+    rank_by: RankBy = "value",
     progress: bool = False,
 ) -> ScoredLog:
     schema = assets.model.schema
@@ -115,9 +119,14 @@ def score_log(
         cost_cheap[i] = (time.thread_time() - t0) * 1000.0
 
     k = world.config.slate_size
+    values = item_values_for(rank_by, catalog.item_price)
+
+    def slate(c: Candidates, probs: np.ndarray) -> np.ndarray:
+        return c.item_ids[top_k(ranking_keys(probs, None if values is None else values[c.item_ids]), k)]
+
     slates = {
-        "full": np.stack([c.item_ids[_top(s, k)] for c, s in zip(cands, full_scores, strict=True)]),
-        "cheap": np.stack([c.item_ids[_top(s, k)] for c, s in zip(cands, cheap_scores, strict=True)]),
+        "full": np.stack([slate(c, s) for c, s in zip(cands, full_scores, strict=True)]),
+        "cheap": np.stack([slate(c, s) for c, s in zip(cands, cheap_scores, strict=True)]),
     }
     rng = np.random.default_rng(seed)
     expected: dict[Path_, np.ndarray] = {}
@@ -142,7 +151,7 @@ def score_log(
         retrieval_ms=retrieval_ms,
         k=k,
         schema=schema,
-        item_values=world.item_price,
+        item_values=values,
     )
 
 
@@ -184,10 +193,3 @@ def _median_single_query_ms(retriever: FaissRetriever, user_vectors: np.ndarray,
     finally:
         faiss.omp_set_num_threads(threads)
     return float(np.median(times)) if times else 0.0
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` best scores, best first (ties broken by position), as the pipeline."""
-    k = min(k, len(scores))
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]

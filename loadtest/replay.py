@@ -54,6 +54,7 @@ from loadtest.policy_sim import (
 from serving.clock import ManualClock
 from serving.controller import ControllerConfig
 from serving.policies import StaticTiersConfig, ValueAwareConfig, make_router
+from serving.ranking import RANK_BY, RankBy
 from serving.router import Router
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -71,6 +72,9 @@ class ReplayConfig:
     """Seed of the realised outcomes and of the routers' exploration."""
     window_requests: int = 200
     """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
+    rank_by: RankBy = "value"
+    """How both paths order their slates (``serving.ranking``): value = P(click) x price, as the
+    server does by default; click = P(click)."""
     warmup_requests: int = 0
     """Requests of a previous day (drawn from the world with another seed) that learning policies
     run over before the replayed day, which alone is measured; 0: they start cold."""
@@ -84,6 +88,8 @@ class ReplayConfig:
             raise ValueError(f"{self.batch=} must be >= 1")
         if self.window_requests < 0:
             raise ValueError(f"{self.window_requests=} must be >= 0")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
         if self.warmup_requests < 0:
             raise ValueError(f"{self.warmup_requests=} must be >= 0")
 
@@ -170,7 +176,7 @@ def build_scored_logs(
     requests = logs.replay
     if config.requests:
         requests = requests.take(slice(0, config.requests))
-    score = dict(candidates=config.candidates, batch=config.batch, progress=progress)
+    score = dict(candidates=config.candidates, batch=config.batch, rank_by=config.rank_by, progress=progress)
     log = score_log(world, assets, requests, seed=config.seed, **score)  # type: ignore[arg-type]
     warmup = None
     if config.warmup_requests:

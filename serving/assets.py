@@ -28,6 +28,7 @@ from serving.decision_log import DecisionLog
 from serving.domain import Path_
 from serving.features import FeatureResolver
 from serving.pipeline import Pipeline, PipelineConfig
+from serving.ranking import RankBy, item_values_for
 from serving.retriever import FaissRetriever
 from serving.revenue import InMemoryTracker, RevenueTracker
 from serving.router import FixedRouter, Router
@@ -64,6 +65,7 @@ def build_pipeline(
     precision: str = "fp32",
     item_store: EmbeddingStore | None = None,
     decision_log: DecisionLog | None = None,
+    rank_by: RankBy = "value",
 ) -> Pipeline:
     """The serving pipeline; the full scorer's tables are FBGEMM tables in ``precision``:
     fp32 | fp16 | int8, or auto (the model's measured choice, ``embeddings.precision``).
@@ -98,6 +100,7 @@ def build_pipeline(
         config=config or PipelineConfig(),
         clock=clock,
         decision_log=decision_log,
+        item_values=item_values_for(rank_by, assets.catalog.item_price),
     )
 
 

@@ -157,8 +157,10 @@ def recommend_response(rec: Recommendation) -> pb.RecommendResponse:
     return pb.RecommendResponse(
         request_id=rec.request_id,
         items=[
-            pb.ScoredItem(item_id=int(item), score=float(score), rank=rank)
-            for rank, (item, score) in enumerate(zip(rec.item_ids, rec.scores, strict=True))
+            pb.ScoredItem(item_id=int(item), score=float(score), rank=rank, expected_value=float(value))
+            for rank, (item, score, value) in enumerate(
+                zip(rec.item_ids, rec.scores, rec.values, strict=True)
+            )
         ],
         path=rec.path,
         model_version=rec.model_version,
@@ -315,6 +317,7 @@ def recommendation(resp: pb.RecommendResponse) -> Recommendation:
         request_id=resp.request_id,
         item_ids=np.array([i.item_id for i in resp.items], dtype=np.int64),
         scores=np.array([i.score for i in resp.items], dtype=np.float32),
+        values=np.array([i.expected_value for i in resp.items], dtype=np.float32),
         path=path,
         model_version=resp.model_version,
         decision=Decision(path, r.policy, r.reason, getattr(r, "lambda"), r.estimated_uplift, r.propensity),

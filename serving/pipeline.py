@@ -1,4 +1,4 @@
-"""The serving pipeline: validate -> retrieve -> route -> score -> top-k -> record.
+"""The serving pipeline: validate -> retrieve -> route -> score -> rank -> record.
 
 It knows nothing of gRPC (the servicer converts at the edge) and sees only the ``Retriever``,
 ``Scorer``, ``Router`` and ``RevenueTracker`` interfaces. Faiss and torch run on worker
@@ -34,6 +34,7 @@ from serving.domain import (
 )
 from serving.errors import DeadlineExceeded, InvalidArgument
 from serving.features import FeatureResolver
+from serving.ranking import ranking_keys, top_k
 from serving.retriever import Retriever
 from serving.revenue import Inference, RevenueTracker
 from serving.router import RouteContext, Router
@@ -73,8 +74,13 @@ class Pipeline:
         config: PipelineConfig = PipelineConfig(),
         clock: Clock | None = None,
         decision_log: DecisionLog | None = None,
+        item_values: np.ndarray | None = None,
     ) -> None:
+        """``item_values``: what a click on each item id earns, relatively (the catalog's
+        prices); the slate is the top k by ``P(click) x value`` (``serving.ranking``), or by
+        ``P(click)`` when None."""
         self.resolver = resolver
+        self.item_values = item_values
         self.retriever = retriever
         self.scorers = scorers
         self.router = router
@@ -153,7 +159,9 @@ class Pipeline:
         )
         t3 = time.perf_counter()
 
-        top = _top_k(result.value, query.k)
+        values = None if self.item_values is None else self.item_values[candidates.item_ids]
+        keys = ranking_keys(result.value, values)
+        top = top_k(keys, query.k)
         compute_ms = result.compute_cpu_s * 1000.0
         latency_ms = (self.clock.now() - started) * 1000.0
         self.tracker.record_inference(
@@ -186,6 +194,7 @@ class Pipeline:
             request_id=query.request_id,
             item_ids=candidates.item_ids[top],
             scores=result.value[top],
+            values=keys[top],
             path=decision.path,
             model_version=self.model_version,
             decision=decision,
@@ -252,10 +261,3 @@ def _batch_fn(scorer: Scorer) -> Any:
         return scorer.score_batch([j[0] for j in jobs], [j[1] for j in jobs])
 
     return run
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` best scores, best first (ties broken by position)."""
-    k = min(k, len(scores))
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]

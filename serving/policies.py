@@ -208,9 +208,14 @@ class ValueAwareRouter(Router):
         self.controller = LambdaController(config.controller, self.clock)
         self._rng = np.random.default_rng(rng_seed)
         self._lock = threading.Lock()
+        # Measured cost per path: a decaying mean, sum(w x) / sum(w), rather than an EMA started at
+        # the first sample: a process's first calls are slow (lazy initialisation, cold caches;
+        # 25x the steady cost of the cheap path measured in replay), and an EMA with a
+        # half-life of hundreds of requests would carry that outlier for as long, skewing the
+        # budget's feed-forward share.
         self._cost = {"full": 1.0, "cheap": 0.1}
-        self._cost_seen = {"full": False, "cheap": False}
-        self._cost_alpha = 1.0 - 0.5 ** (1.0 / config.cost_half_life)
+        self._cost_sums = {"full": [0.0, 0.0], "cheap": [0.0, 0.0]}
+        self._cost_keep = 0.5 ** (1.0 / config.cost_half_life)
         self._guard_alpha = 1.0 - 0.5 ** (1.0 / config.guardrail_half_life)
         self._cheap_share: dict[str, float] = {}
         self._segments: dict[str, _Decaying] = {}
@@ -322,11 +327,10 @@ class ValueAwareRouter(Router):
 
     def observe(self, segment: str, path: Path_, compute_ms: float, latency_ms: float) -> None:
         with self._lock:
-            if not self._cost_seen[path]:
-                self._cost[path] = compute_ms
-                self._cost_seen[path] = True
-            else:
-                self._cost[path] += self._cost_alpha * (compute_ms - self._cost[path])
+            sums = self._cost_sums[path]
+            sums[0] = sums[0] * self._cost_keep + compute_ms
+            sums[1] = sums[1] * self._cost_keep + 1.0
+            self._cost[path] = sums[0] / sums[1]
             if path == "full":
                 self._full_latency.append(latency_ms)
             self.controller.record(compute_ms, self._cost["full"], latency_ms)
@@ -335,7 +339,7 @@ class ValueAwareRouter(Router):
         if ctx.request is None or ctx.candidates is None or len(full_scores) == 0:
             return
         ids = ctx.candidates.item_ids
-        values = np.ones(len(ids)) if self.item_values is None else self.item_values[ids]
+        values = None if self.item_values is None else self.item_values[ids]
         v_full, v_cheap = slate_values(full_scores, ctx.candidates.retrieval_scores, values, ctx.k)
         with self._lock:
             pending = self._pending.pop(ctx.request_id, None)

@@ -29,6 +29,7 @@ from serving.convert import MAX_OUTCOMES
 from serving.decision_log import DecisionLog
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.policies import POLICY_NAMES, make_router
+from serving.ranking import RANK_BY, RankBy, item_values_for
 from serving.service import SERVICE_NAME, RecommenderServicer, add_to_server
 from serving.tracker_config import make_tracker, tracker_config_from_dict
 
@@ -59,6 +60,9 @@ class ServeConfig:
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     """Embedding tables of the full model: auto = the cheapest measured to lose < 0.001 AUC
     (``valuerank bench precision``; cached in the model folder's precision.json)."""
+    rank_by: RankBy = "value"
+    """Order of the returned items: value = expected value, P(click) x the item's price (the
+    revenue-maximising slate; P(click) alone when the catalog has no prices); click = P(click)."""
     policy: str = "always_full"
     """Routing policy: always_full, always_cheap, static_tiers or value_aware (``serving.policies``)."""
     seed: int = 0
@@ -87,6 +91,8 @@ class ServeConfig:
             raise ValueError(f"{self.model_threads=} must be >= 1")
         if self.precision not in ("auto", "fp32", "fp16", "int8"):
             raise ValueError(f"{self.precision=} must be auto, fp32, fp16 or int8")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"{self.policy=} must be one of {POLICY_NAMES}")
         if self.max_outcomes < 1:
@@ -200,7 +206,7 @@ class RunningServer:
                 cfg.policy,
                 rng_seed=cfg.seed,
                 schema=assets.model.schema,
-                item_values=assets.catalog.item_price,
+                item_values=item_values_for(cfg.rank_by, assets.catalog.item_price),
             ),
             decision_log=DecisionLog(Path(cfg.decision_log)) if cfg.decision_log else None,
             tracker=tracker,
@@ -208,6 +214,7 @@ class RunningServer:
             model_threads=self.config.model_threads,
             precision=self.config.precision,
             item_store=self._item_store,
+            rank_by=cfg.rank_by,
         )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from dlrm.schema import FeatureSchema
 from serving.domain import Candidates, RequestFeatures
+from serving.ranking import cheap_slate, ranking_keys, top_k
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RouteFeaturizer:
         config: FeaturizerConfig = FeaturizerConfig(),
         item_values: np.ndarray | None = None,
     ) -> None:
+        self._values = item_values
         self._log_values = None if item_values is None else np.log(np.maximum(item_values, 1e-12))
         request = [schema.sparse[i] for i in schema.side_indices("user", "context")]
         self.columns = np.array(
@@ -95,8 +97,8 @@ class RouteFeaturizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         ids = np.minimum(request.sparse[self.columns], self.cards - 1)
         stats = [request.dense[self._dense].astype(np.float64), _score_stats(candidates, k)]
-        if self._log_values is not None:
-            stats.append(_value_stats(candidates, k, self._log_values))
+        if self._values is not None and self._log_values is not None:
+            stats.append(_value_stats(candidates, k, self._values, self._log_values))
         continuous = np.concatenate(stats)
         parts = [np.zeros(1, dtype=np.int64), self.offsets + ids]
         values = [np.ones(1 + len(ids))]
@@ -122,13 +124,13 @@ def _score_stats(candidates: Candidates | None, k: int) -> np.ndarray:
     return np.array([s[0], head, rest.mean() if len(rest) else head])
 
 
-def _value_stats(candidates: Candidates | None, k: int, log_values: np.ndarray) -> np.ndarray:
-    """Mean and spread of the log item values of the cheap path's slate (top-k by retrieval)."""
+def _value_stats(
+    candidates: Candidates | None, k: int, values: np.ndarray, log_values: np.ndarray
+) -> np.ndarray:
+    """Mean and spread of the log item values of the cheap path's slate (``serving.ranking``)."""
     if candidates is None or len(candidates.item_ids) == 0:
         return np.zeros(2)
-    scores = candidates.retrieval_scores
-    k = min(k, len(scores))
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = cheap_slate(candidates.retrieval_scores, values[candidates.item_ids], k)
     v = log_values[candidates.item_ids[top]]
     return np.array([v.mean(), v.std()])
 
@@ -217,21 +219,17 @@ def examination(k: int) -> np.ndarray:
 
 
 def slate_values(
-    full_probs: np.ndarray, retrieval_scores: np.ndarray, item_values: np.ndarray, k: int
+    full_probs: np.ndarray, retrieval_scores: np.ndarray, item_values: np.ndarray | None, k: int
 ) -> tuple[float, float]:
-    """Model value of the full path's and the cheap path's top-k slates, both valued by the full
-    model's click probabilities (``full_probs``, aligned with the candidates) times the items'
-    values (price-like, aligned too)."""
+    """Model value of the full path's and the cheap path's slates, each ranked as the pipeline
+    ranks it (``serving.ranking``), both valued by the full model: ``sum_p examine(p) *
+    p_full(item_p) * value(item_p)``. ``item_values`` are aligned with the candidates (None:
+    rank and value by clicks)."""
     k = min(k, len(full_probs))
     if k == 0:
         return 0.0, 0.0
-    gain = full_probs.astype(np.float64) * item_values
+    gain = ranking_keys(full_probs, item_values)
     disc = examination(k)
-    full_top = _top(full_probs, k)
-    cheap_top = _top(retrieval_scores, k)
+    full_top = top_k(gain, k)
+    cheap_top = cheap_slate(retrieval_scores, item_values, k)
     return float(disc @ gain[full_top]), float(disc @ gain[cheap_top])
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return part[np.lexsort((part, -scores[part]))]

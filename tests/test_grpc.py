@@ -67,8 +67,13 @@ def test_recommend_returns_k_ranked_items(
 ) -> None:
     resp = stub.Recommend(_rec(k=7), timeout=10)
     assert [i.rank for i in resp.items] == list(range(7))
-    scores = [i.score for i in resp.items]
-    assert scores == sorted(scores, reverse=True)
+    # Ranked by expected value: P(click) x the item's price (serving.ranking).
+    values = [i.expected_value for i in resp.items]
+    assert values == sorted(values, reverse=True)
+    price = serving_assets.load().catalog.item_price
+    assert price is not None
+    for item in resp.items:
+        assert item.expected_value == pytest.approx(item.score * price[item.item_id], rel=1e-5)
     assert len({i.item_id for i in resp.items}) == 7
     assert resp.path == "full"
     assert resp.model_version == serving_assets.load().model.version
@@ -84,6 +89,10 @@ def test_recommend_echoes_request_id_and_honours_force_path(stub: pb_grpc.Recomm
     assert resp.request_id == "caller-42"
     assert resp.path == "cheap" and resp.routing.policy == "forced"
     assert resp.num_candidates == 50
+    # The cheap path's scores are the two-tower's click probabilities, ranked by expected value.
+    assert all(0.0 < i.score < 1.0 for i in resp.items)
+    values = [i.expected_value for i in resp.items]
+    assert values == sorted(values, reverse=True) and values[0] > 0
 
 
 def test_score_equals_recommend_scores_in_request_order(stub: pb_grpc.RecommenderStub) -> None:

@@ -321,13 +321,18 @@ def test_featurizer_indices_are_distinct_and_inside_the_dimension() -> None:
     assert fz.feature_names == ["user_tier", "surface"]  # user ids are too many to one-hot
 
 
-def test_slate_values_price_both_slates_with_the_full_model() -> None:
+def test_slate_values_rank_each_slate_as_served_and_price_both_with_the_full_model() -> None:
     probs = np.array([0.9, 0.1, 0.5, 0.2])
-    retrieval = np.array([0.0, 3.0, 1.0, 2.0])  # cheap slate: items 1, 3
+    retrieval = np.array([0.0, 3.0, 1.0, 2.0])  # two-tower P(click) 0.50, 0.95, 0.73, 0.88
     values = np.array([1.0, 1.0, 2.0, 1.0])
-    v_full, v_cheap = slate_values(probs, retrieval, values, k=2)  # full slate: items 0, 2
     disc = 1.0 / np.log2(np.arange(2) + 2.0)
-    assert v_full == pytest.approx(disc @ np.array([0.9 * 1.0, 0.5 * 2.0]))
+    # By expected value: the full slate is items 2 (0.5 x 2), 0 (0.9); the cheap one 2 (1.46), 1 (0.95).
+    v_full, v_cheap = slate_values(probs, retrieval, values, k=2)
+    assert v_full == pytest.approx(disc @ np.array([0.5 * 2.0, 0.9]))
+    assert v_cheap == pytest.approx(disc @ np.array([0.5 * 2.0, 0.1]))
+    # By click (no values): full 0, 2; cheap 1, 3.
+    v_full, v_cheap = slate_values(probs, retrieval, None, k=2)
+    assert v_full == pytest.approx(disc @ np.array([0.9, 0.5]))
     assert v_cheap == pytest.approx(disc @ np.array([0.1, 0.2]))
     assert not math.isnan(v_full - v_cheap)
 
@@ -344,3 +349,13 @@ def test_reported_outcomes_reach_the_segment_that_served_them_once() -> None:
     seg = router.stats()["segments"]["shop/1"]
     assert seg[f"revenue_per_inference_{decision.path}"] == pytest.approx(4.0)
     assert seg["ips_uplift"] == pytest.approx(4.0 if decision.path == "full" else -4.0)
+
+
+def test_a_slow_first_call_does_not_skew_the_measured_cost_for_long() -> None:
+    """A process's first scoring calls are slow (lazy initialisation); the cost estimate behind
+    the budget's feed-forward share must forget them after a few requests, not a half-life."""
+    router = _router(ManualClock(), cost_half_life=500.0)
+    router.observe("shop/0", "cheap", 0.3, 1.0)  # 25x the steady cost, as measured in replay
+    for _ in range(50):
+        router.observe("shop/0", "cheap", 0.012, 1.0)
+    assert router.stats()["cost_ms"]["cheap"] == pytest.approx(0.012 + 0.288 / 51, rel=0.02)

@@ -52,8 +52,13 @@ def test_ideal_slate_beats_a_random_one(world: World) -> None:
     req = world.sample_requests(200, rng, surface=0)
     ideal = world.ideal_slates(req)
     assert ideal.shape == (200, CONFIG.slate_size)
-    p = world.click_prob(req, ideal)
-    assert (np.diff(p, axis=1) <= 0).all()  # best first
+    value = world.click_prob(req, ideal) * world.item_price[ideal]
+    assert (np.diff(value, axis=1) <= 0).all()  # best first
+    # Nothing outside the slate earns more in expectation than its last item.
+    others = np.broadcast_to(np.arange(world.n_items), (200, world.n_items))
+    all_values = world.click_prob(req, others) * world.item_price[None, :]
+    np.testing.assert_allclose(np.sort(all_values, axis=1)[:, -1], value[:, 0])
+    assert (np.sort(all_values, axis=1)[:, -CONFIG.slate_size] == value[:, -1]).all()
     random_slates = rng.integers(0, world.n_items, (200, CONFIG.slate_size))
     assert world.expected_revenue(req, ideal).mean() > 2 * world.expected_revenue(req, random_slates).mean()
 
