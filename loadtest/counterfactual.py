@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -61,6 +61,8 @@ class ScoredLog:
     item_values: np.ndarray | None
     """What ranking multiplies P(click) by, per item id: the catalog's prices (a catalog attribute
     any shop knows, which value-aware routing reads too), or None when ranking by click."""
+    ranking_revenue: dict[str, dict[Path_, float]] = field(default_factory=dict)
+    """Total expected dollars of each path's slates ordered by ``value`` and by ``click``."""
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -120,13 +122,16 @@ def score_log(
 
     k = world.config.slate_size
     values = item_values_for(rank_by, catalog.item_price)
-
-    def slate(c: Candidates, probs: np.ndarray) -> np.ndarray:
-        return c.item_ids[top_k(ranking_keys(probs, None if values is None else values[c.item_ids]), k)]
-
-    slates = {
-        "full": np.stack([slate(c, s) for c, s in zip(cands, full_scores, strict=True)]),
-        "cheap": np.stack([slate(c, s) for c, s in zip(cands, cheap_scores, strict=True)]),
+    probs: dict[Path_, list[np.ndarray]] = {"full": full_scores, "cheap": cheap_scores}
+    slates = {path: _slates(cands, probs[path], values, k) for path in probs}
+    # Both orders priced on the same slates' scores: what ranking by value rather than by click
+    # (or the reverse) is worth, measured in this run.
+    ranking_revenue = {
+        order: {
+            path: float(world.expected_revenue(requests, _slates(cands, probs[path], order_values, k)).sum())
+            for path in probs
+        }
+        for order, order_values in (("value", catalog.item_price), ("click", None))
     }
     rng = np.random.default_rng(seed)
     expected: dict[Path_, np.ndarray] = {}
@@ -152,6 +157,19 @@ def score_log(
         k=k,
         schema=schema,
         item_values=values,
+        ranking_revenue=ranking_revenue,
+    )
+
+
+def _slates(
+    cands: list[Candidates], probs: list[np.ndarray], values: np.ndarray | None, k: int
+) -> np.ndarray:
+    """Each request's top-k item ids as the pipeline orders them (``serving.ranking``)."""
+    return np.stack(
+        [
+            c.item_ids[top_k(ranking_keys(p, None if values is None else values[c.item_ids]), k)]
+            for c, p in zip(cands, probs, strict=True)
+        ]
     )
 
 

@@ -253,6 +253,7 @@ def replay(
             "retrieval_ms_per_request": log.retrieval_ms,
             "full_batch": config.batch,
         },
+        "ranking": _ranking_summary(log),
         "load_model": {
             **dataclasses.asdict(load),
             "day_seconds": float(times[-1] - times[0]) if len(times) else 0.0,
@@ -302,6 +303,20 @@ def readme_table(policies: dict[str, Any], budgets: tuple[float, ...]) -> str:
             f"${p['revenue_per_inference']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _ranking_summary(log: ScoredLog) -> dict[str, Any]:
+    """Revenue per inference of each path's slates ordered by expected value and by click."""
+    rev = log.ranking_revenue
+    n = max(len(log), 1)
+    out: dict[str, Any] = {"served": "click" if log.item_values is None else "value"}
+    for order in ("value", "click"):
+        out[f"{order}_revenue_per_inference"] = {p: r / n for p, r in rev.get(order, {}).items()}
+    if rev.get("value") and rev.get("click"):
+        out["value_over_click"] = {
+            p: rev["value"][p] / rev["click"][p] if rev["click"][p] else float("nan") for p in rev["value"]
+        }
+    return out
 
 
 def _router_summary(stats: dict[str, Any]) -> dict[str, Any]:

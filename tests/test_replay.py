@@ -252,6 +252,12 @@ def test_replay_end_to_end_on_a_world_the_defaults_never_saw(tiny_world: Path, t
         > 3 * by_surface["ecommerce_recommendation"]["revenue_per_inference"]
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Slates ordered by expected value (P(click) x price) earn more than by click, same scores.
+    ranking = result["ranking"]
+    assert ranking["served"] == "value"
+    assert ranking["value_over_click"]["full"] > 1.2 and ranking["value_over_click"]["cheap"] > 1.2
+    served = policies["always_full"]["revenue_per_inference"]
+    assert ranking["value_revenue_per_inference"]["full"] == pytest.approx(served)
 
     # The live-log estimators on the replay's own log agree with its exact counterfactuals.
     estimates = _run(["--log", str(log), "--json"])["estimates"]
