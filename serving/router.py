@@ -36,7 +36,7 @@ class RouteContext:
     request: RequestFeatures | None = None
     """The resolved request-side inputs (value-aware routing reads its features)."""
     candidates: Candidates | None = None
-    """The retrieved candidates; their retrieval scores are the cheap path's scores, for free."""
+    """The retrieved candidates; their retrieval scores give the cheap path's slate for free."""
     k: int = 10
     """Items the caller will show (the slate whose value routing estimates)."""
 

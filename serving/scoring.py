@@ -1,4 +1,4 @@
-"""Scoring paths behind one ABC: the full DLRM and the cheap retrieval dot product.
+"""Scoring paths behind one ABC: the full DLRM and the cheap two-tower click probability.
 
 Both score a batch of requests (each with its own candidates) in one call, so the batcher
 can hand concurrent requests to the model together. They run on a worker thread, never on

@@ -3,7 +3,8 @@
 Two parts, learnt online from what serving sees anyway:
 
 * **Model-based uplift labels.** When the full path scores a request, it scores all K
-  candidates, including the cheap path's slate (the top-k by retrieval score, known for free).
+  candidates, including the cheap path's slate (known for free from the retrieval scores, ordered
+  as the pipeline orders it: ``serving.ranking``).
   So for every full-path request the full model values both slates:
   ``V(slate) = sum_p examine(p) * p_full(item_p) * value(item_p)``, and ``V_full - V_cheap`` is a
   per-request uplift label in model units, with no outcome noise (a realised revenue is mostly
