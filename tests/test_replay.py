@@ -244,6 +244,8 @@ def test_replay_end_to_end_on_a_world_the_defaults_never_saw(tiny_world: Path, t
     for b in ("0.3", "0.5"):
         assert policies[f"oracle@{b}"]["compute_share"] <= float(b) + 1e-9
         assert policies[f"oracle@{b}"]["revenue"] >= 0.99 * policies[f"static_tiers@{b}"]["revenue"]
+        oracle_gain = policies[f"oracle@{b}"]["revenue"] / policies[f"static_tiers@{b}"]["revenue"]
+        assert result["checks"]["oracle_over_static"][b] == pytest.approx(oracle_gain)
         assert policies[f"value_aware@{b}"]["compute_share"] < float(b) + 0.15
     # Revenue per inference follows the modified world's surfaces (video $0.15, ecommerce $0.02).
     by_surface = policies["always_full"]["by_surface"]
