@@ -23,6 +23,8 @@ bf16 weights (fast only with native bf16, e.g. AVX-512 BF16; the request side st
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +36,28 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from dlrm.factored import FactoredDLRM
 
 _POOLING_MODES = ("sum", "mean")
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """Best of ``reps`` timed ``n^3`` products after a warm-up one."""
+    a = torch.randn(n, n).to(dtype)
+    torch.mm(a, a)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16, AMX): oneDNN's own check, then a
+    small timed probe, since emulated bf16 is ~100x slower than fp32: bf16 must keep up with
+    half of fp32's rate."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    return matmul_gflops(256, torch.bfloat16) > matmul_gflops(256, torch.float32) / 2
 
 
 class FastDLRM(nn.Module):

@@ -10,7 +10,9 @@ batch, medians). ``chosen`` is the smallest precision whose AUC loss against fp3
 per-candidate MLP on bf16 weights, as ``FastDLRM(dtype=torch.bfloat16)`` runs it.
 
 The result is cached as ``precision.json`` in the model artifact folder, where the server
-(``--precision auto``) reads the choice at start-up.
+(``--precision auto``) reads the choice at start-up; with ``--mlp-precision auto`` it also runs
+the per-candidate MLP in bf16 when the CPU multiplies bf16 natively and ``bf16_mlp`` for the
+chosen tables is within ``max_auc_loss`` (``choose_mlp_precision``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,12 +39,18 @@ from dlrm.configs import add_flags, from_flags
 from dlrm.data import Rows, single_hot_kjt
 from dlrm.factored import FactoredDLRM, split_tables
 from dlrm.schema import FeatureSchema
+from embeddings.fast_path import FastDLRM, native_bf16
 from embeddings.quant import PRECISIONS, Precision, quant_tables, table_bytes
 
 log = logging.getLogger(__name__)
 
 PRECISION_FILE = "precision.json"
 FALLBACK: Precision = "fp32"
+
+MlpPrecision = Literal["fp32", "bf16"]
+MLP_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_BF16_SPEEDUP = 1.05
+"""bf16 must beat fp32 by more than timing noise to be worth its rounding."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,14 @@ class PrecisionConfig:
     lookup_repeats: int = 31
     """Timed lookup calls per variant (interleaved; the median is reported)."""
     bf16: bool = True
-    """Also measure the AUC with the per-candidate MLP on bf16 weights."""
+    """Also measure the per-candidate MLP on bf16 weights: its AUC and, on a CPU with native
+    bf16, its full-path speed against fp32."""
+    mlp_requests: int = 16
+    """Requests per timed full-path call (the server's micro-batch)."""
+    mlp_candidates: int = 200
+    """Candidates per request in the timed full-path calls."""
+    mlp_repeats: int = 101
+    """Timed full-path calls per MLP precision (interleaved; the median is reported)."""
     seed: int = 0
     """Seed of the row subsample."""
     threads: int = 1
@@ -71,6 +86,10 @@ class PrecisionConfig:
             raise ValueError(f"{self.max_auc_loss=} must be in (0, 1)")
         if self.batch_size < 1 or self.lookup_batch < 1:
             raise ValueError(f"{self.batch_size=} and {self.lookup_batch=} must be >= 1")
+        if min(self.mlp_requests, self.mlp_candidates, self.mlp_repeats) < 1:
+            raise ValueError(
+                f"{self.mlp_requests=}, {self.mlp_candidates=} and {self.mlp_repeats=} must be >= 1"
+            )
         if self.lookup_repeats < 1:
             raise ValueError(f"{self.lookup_repeats=} must be >= 1")
         if self.threads < 1:
@@ -147,6 +166,25 @@ def choose_precision(artifact: ModelArtifact) -> Precision:
     return result["chosen"]
 
 
+def choose_mlp_precision(artifact: ModelArtifact, tables: Precision) -> MlpPrecision:
+    """The per-candidate MLP's precision with ``tables``: bf16 where it is fast and measured
+    harmless (the cached ``precision.json``, which ``choose_precision`` writes), else fp32."""
+    path = artifact.path / PRECISION_FILE
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    return mlp_precision_for(result, tables, native=native_bf16())
+
+
+def mlp_precision_for(result: dict[str, Any], tables: str, *, native: bool) -> MlpPrecision:
+    """bf16 when the CPU has native bf16 and, measured with ``tables`` (``result``, a
+    ``precision.json``), the bf16 MLP made the full path at least ``MIN_BF16_SPEEDUP`` faster and
+    lost less than ``max_auc_loss`` AUC; fp32 otherwise, unmeasured included."""
+    entry = result.get("bf16_mlp", {}).get(tables)
+    if not native or entry is None or entry.get("speedup", 0.0) < MIN_BF16_SPEEDUP:
+        return "fp32"
+    max_loss = result.get("max_auc_loss", PrecisionConfig.max_auc_loss)
+    return "bf16" if -entry["auc_delta"] < max_loss else "fp32"
+
+
 def held_out_rows(artifact: ModelArtifact) -> Rows | None:
     """The world's held-out rows for a world-trained artifact in ``<artifacts>/model/<key>``."""
     world_key = artifact.manifest.get("world_key")
@@ -202,6 +240,10 @@ def _measure(artifact: ModelArtifact, rows: Rows, available: int, config: Precis
             name: _bf16_quality(model, schema, tables[name], inputs, rows, config, base_auc)
             for name in dict.fromkeys(["fp32", chosen])
         }
+        if native_bf16():  # emulated bf16 is ~100x slower: nothing worth timing
+            result["bf16_mlp"][chosen].update(
+                _mlp_speed(FactoredDLRM(model, schema, *tables[chosen]), inputs, config)
+            )
     return {
         "model_version": artifact.version,
         "artifact": str(artifact.path),
@@ -237,7 +279,10 @@ def format_report(result: dict[str, Any]) -> str:
             f"{e['table_bytes']:11d} {e['lookups_per_s'] / 1e6:11.2f}"
         )
     for name, e in result.get("bf16_mlp", {}).items():
-        lines.append(f"bf16 MLP, {name} tables: auc {e['auc']:.5f} (delta vs fp32 {e['auc_delta']:+.6f})")
+        speed = f", full path {e['speedup']:.2f}x fp32's speed" if "speedup" in e else ""
+        lines.append(
+            f"bf16 MLP, {name} tables: auc {e['auc']:.5f} (delta vs fp32 {e['auc_delta']:+.6f}){speed}"
+        )
     lines.append(f"chosen: {result['chosen']}")
     return "\n".join(lines)
 
@@ -273,6 +318,33 @@ class _Inputs:
                 dense, request, item = self.batch(start, min(n, start + batch_size))
                 out.append(model(dense, request, item, [1] * len(dense)))
         return torch.cat(out)
+
+
+def _mlp_speed(factored: FactoredDLRM, inputs: _Inputs, config: PrecisionConfig) -> dict[str, float]:
+    """Milliseconds per full-path call (``FastDLRM``, ``mlp_requests`` requests x
+    ``mlp_candidates`` candidates from the held-out rows) with the per-candidate MLP in fp32 and
+    in bf16, interleaved, medians; ``speedup`` = fp32 / bf16."""
+    n_req, k = config.mlp_requests, config.mlp_candidates
+    n = len(inputs.dense)
+    req = torch.arange(n_req) % n
+    items = torch.arange(n_req * k) % n
+    args = (
+        inputs.dense[req],
+        single_hot_kjt(inputs.request_keys, inputs.request_ids[req].contiguous()),
+        single_hot_kjt(inputs.item_keys, inputs.item_ids[items].contiguous()),
+        [k] * n_req,
+    )
+    models = {"fp32": FastDLRM(factored), "bf16": FastDLRM(factored, dtype=torch.bfloat16)}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():  # warm-up
+        model(*args)
+    for rep in range(config.mlp_repeats):
+        for name in list(models)[rep % 2 :] + list(models)[: rep % 2]:
+            started = time.perf_counter()
+            models[name](*args)
+            times[name].append(time.perf_counter() - started)
+    ms = {name: statistics.median(t) * 1000.0 for name, t in times.items()}
+    return {"fp32_call_ms": ms["fp32"], "bf16_call_ms": ms["bf16"], "speedup": ms["fp32"] / ms["bf16"]}
 
 
 def _subsample(rows: Rows, config: PrecisionConfig) -> Rows:

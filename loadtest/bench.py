@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrm.configs import add_flags, from_flags
-from embeddings.fast_path import FastDLRM
+from embeddings.fast_path import FastDLRM, matmul_gflops, native_bf16
 from loadtest.bench_model import ReferenceModel, Request, baseline_work, fast_path_work
 
 log = logging.getLogger(__name__)
@@ -387,14 +387,10 @@ class MachineProbes:
         self._pooled = False
         self._fp32 = torch.randn(self.MATMUL_N, self.MATMUL_N)
         self._bf16 = self._fp32.bfloat16()
-        # oneDNN's own CPU check, then a small timed probe (without bf16 support a 1024^3
-        # product takes seconds): bf16 must at least keep up with fp32.
-        bf16 = _matmul_gflops(256, torch.bfloat16)
-        self.native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
-            bf16 > _matmul_gflops(256, torch.float32) / 2
-        )
+        # Without native bf16 a 1024^3 product takes seconds: one small probe stands for it.
+        self.native_bf16 = native_bf16()
         if not self.native_bf16:
-            self.samples["matmul_gflops_bf16"].append(bf16)
+            self.samples["matmul_gflops_bf16"].append(matmul_gflops(256, torch.bfloat16))
         for _ in range(first_samples):
             self.sample()
 
@@ -427,18 +423,6 @@ class MachineProbes:
             "gather_mrows_per_s": round(best["gather_gbps"] * 1e9 / row_bytes / 1e6, 1),
             "probe_samples": len(self.samples["matmul_gflops"]),
         }
-
-
-def _matmul_gflops(n: int, dtype: torch.dtype, reps: int = 3) -> float:
-    """Best of ``reps`` timed ``n^3`` products after a warm-up one."""
-    a = torch.randn(n, n).to(dtype)
-    torch.mm(a, a)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

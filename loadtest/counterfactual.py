@@ -2,8 +2,9 @@
 
 For each request of the world's replay log (time order): resolve its features with the serving
 ``FeatureResolver``, retrieve ``K`` candidates from the Faiss index, score them with the full
-path (``FullScorer``, micro-batches of ``batch`` requests like the pipeline's batcher) and the
-cheap path (``CheapScorer``, one request at a time like the pipeline), and take each path's
+path (``full_scorer``: tables and MLP in the precisions the server would pick; micro-batches
+of ``batch`` requests like the pipeline's batcher) and the cheap path (``CheapScorer``, one
+request at a time like the pipeline), and take each path's
 slate as the pipeline does (``serving.ranking``: top-k by P(click) x price, or by P(click)).
 Costs are measured live: ``time.thread_time`` around each scorer call, a request's cost being
 its share of its batch (as ``MicroBatcher`` reports ``compute_cpu_s``). Revenue is
@@ -21,15 +22,14 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from dlrm.factored import FactoredDLRM
 from dlrm.schema import FeatureSchema
 from dlrm.world import Requests, World
-from serving.assets import ServingAssets
+from serving.assets import ServingAssets, full_scorer
 from serving.domain import Candidates, Path_, Query, RequestFeatures
 from serving.features import FeatureResolver
 from serving.ranking import RankBy, item_values_for, ranking_keys, top_k
 from serving.retriever import FaissRetriever
-from serving.scoring import CheapScorer, FullScorer
+from serving.scoring import CheapScorer
 
 
 @dataclass
@@ -82,6 +82,8 @@ def score_log(
     batch: int,
     seed: int,
     rank_by: RankBy = "value",
+    precision: str = "auto",
+    mlp_precision: str = "auto",
     progress: bool = False,
 ) -> ScoredLog:
     schema = assets.model.schema
@@ -100,7 +102,7 @@ def score_log(
         cands.extend(Candidates(i, s) for i, s in zip(ids, scores, strict=True))
     retrieval_ms = _median_single_query_ms(retriever, user_vectors, candidates)
 
-    full = FullScorer(FactoredDLRM(assets.model.load_model(), schema), catalog, threads=1)
+    full = full_scorer(assets, precision=precision, mlp_precision=mlp_precision, threads=1)
     cheap = CheapScorer(catalog)
     full_scores: list[np.ndarray] = []
     cost_full = np.zeros(n)

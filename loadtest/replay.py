@@ -72,6 +72,10 @@ class ReplayConfig:
     """Seed of the realised outcomes and of the routers' exploration."""
     window_requests: int = 200
     """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
+    precision: str = "auto"
+    """The full path's table precision, as ``serve --precision`` (auto: the model's measured choice)."""
+    mlp_precision: str = "auto"
+    """The full path's per-candidate MLP, as ``serve --mlp-precision`` (auto: bf16 where native)."""
     rank_by: RankBy = "value"
     """How both paths order their slates (``serving.ranking``): value = P(click) x price, as the
     server does by default; click = P(click)."""
@@ -176,7 +180,14 @@ def build_scored_logs(
     requests = logs.replay
     if config.requests:
         requests = requests.take(slice(0, config.requests))
-    score = dict(candidates=config.candidates, batch=config.batch, rank_by=config.rank_by, progress=progress)
+    score = dict(
+        candidates=config.candidates,
+        batch=config.batch,
+        rank_by=config.rank_by,
+        precision=config.precision,
+        mlp_precision=config.mlp_precision,
+        progress=progress,
+    )
     log = score_log(world, assets, requests, seed=config.seed, **score)  # type: ignore[arg-type]
     warmup = None
     if config.warmup_requests:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import faiss
 from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.factored import FactoredDLRM, split_tables
 from embeddings.catalog import Catalog
-from embeddings.precision import choose_precision
+from embeddings.precision import MLP_DTYPES, choose_mlp_precision, choose_precision
 from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
 from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
 from serving.clock import Clock
@@ -33,6 +34,8 @@ from serving.retriever import FaissRetriever
 from serving.revenue import InMemoryTracker, RevenueTracker
 from serving.router import FixedRouter, Router
 from serving.scoring import CheapScorer, FullScorer, Scorer
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "items.faiss"
 INDEX_MANIFEST = "manifest.json"
@@ -63,35 +66,24 @@ def build_pipeline(
     clock: Clock | None = None,
     model_threads: int = 1,
     precision: str = "fp32",
+    mlp_precision: str = "fp32",
     item_store: EmbeddingStore | None = None,
     decision_log: DecisionLog | None = None,
     rank_by: RankBy = "value",
 ) -> Pipeline:
-    """The serving pipeline; the full scorer's tables are FBGEMM tables in ``precision``:
-    fp32 | fp16 | int8, or auto (the model's measured choice, ``embeddings.precision``).
-
-    With ``item_store``, the item-side rows come from that store instead (as pushed: fp32 or
-    fp16 rows), read through its hot-row cache within each request's deadline; the store must
-    run on the pipeline's clock, and the caller closes it after the pipeline.
-    """
-    schema = assets.model.schema
-    resolved = choose_precision(assets.model) if precision == "auto" else precision
-    if resolved not in PRECISIONS:
-        raise ValueError(f"{precision=} must be auto or one of {PRECISIONS}")
-    model = assets.model.load_model()
-    tables: tuple[Any, Any]
-    if item_store is None:
-        tables = quant_tables(model, schema, cast(Precision, resolved))
-    else:
-        request, _ = split_tables(model, schema)
-        tables = (quantize_collection(request, cast(Precision, resolved)), store_tables(item_store, assets))
-    factored = FactoredDLRM(model, schema, *tables)
+    """The serving pipeline around ``full_scorer(assets, ...)`` and the cheap path."""
     scorers: dict[Path_, Scorer] = {
-        "full": FullScorer(factored, assets.catalog, threads=model_threads),
+        "full": full_scorer(
+            assets,
+            precision=precision,
+            mlp_precision=mlp_precision,
+            threads=model_threads,
+            item_store=item_store,
+        ),
         "cheap": CheapScorer(assets.catalog),
     }
     return Pipeline(
-        resolver=FeatureResolver(schema, assets.catalog),
+        resolver=FeatureResolver(assets.model.schema, assets.catalog),
         retriever=FaissRetriever(assets.index),
         scorers=scorers,
         router=router or FixedRouter("full"),
@@ -102,6 +94,42 @@ def build_pipeline(
         decision_log=decision_log,
         item_values=item_values_for(rank_by, assets.catalog.item_price),
     )
+
+
+def full_scorer(
+    assets: ServingAssets,
+    *,
+    precision: str = "fp32",
+    mlp_precision: str = "fp32",
+    threads: int = 1,
+    item_store: EmbeddingStore | None = None,
+) -> FullScorer:
+    """The full path as the server runs it: FBGEMM tables in ``precision`` (fp32 | fp16 | int8,
+    or auto: the model's measured choice) and the per-candidate MLP in ``mlp_precision`` (fp32 |
+    bf16, or auto: bf16 where the CPU has it natively and it measured harmless), both from
+    ``embeddings.precision``.
+
+    With ``item_store``, the item-side rows come from that store instead (as pushed: fp32 or
+    fp16 rows), read through its hot-row cache within each request's deadline; the store must
+    run on the pipeline's clock, and the caller closes it after the pipeline.
+    """
+    schema = assets.model.schema
+    tables_precision = choose_precision(assets.model) if precision == "auto" else precision
+    if tables_precision not in PRECISIONS:
+        raise ValueError(f"{precision=} must be auto or one of {PRECISIONS}")
+    resolved = cast(Precision, tables_precision)
+    mlp = choose_mlp_precision(assets.model, resolved) if mlp_precision == "auto" else mlp_precision
+    if mlp not in MLP_DTYPES:
+        raise ValueError(f"{mlp_precision=} must be auto or one of {tuple(MLP_DTYPES)}")
+    model = assets.model.load_model()
+    tables: tuple[Any, Any]
+    if item_store is None:
+        tables = quant_tables(model, schema, resolved)
+    else:
+        request, _ = split_tables(model, schema)
+        tables = (quantize_collection(request, resolved), store_tables(item_store, assets))
+    log.info("full path: %s tables, %s per-candidate MLP", resolved, mlp)
+    return FullScorer(FactoredDLRM(model, schema, *tables), assets.catalog, threads, MLP_DTYPES[mlp])
 
 
 def store_tables(store: EmbeddingStore, assets: ServingAssets) -> StoreBackedTables:

@@ -53,14 +53,16 @@ class FullScorer(Scorer):
 
     path: Path_ = "full"
 
-    def __init__(self, model: FactoredDLRM, catalog: Catalog, threads: int = 1) -> None:
+    def __init__(
+        self, model: FactoredDLRM, catalog: Catalog, threads: int = 1, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.catalog = catalog
         self.threads = threads
         tables = model.item_tables
         self.item_rows = StoreItemRows(tables, catalog) if isinstance(tables, StoreBackedTables) else None
         if self.item_rows is not None:
             model.item_tables = self.item_rows.module
-        self.model: FastDLRM = FastDLRM(model)
+        self.model: FastDLRM = FastDLRM(model, dtype=dtype)
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):

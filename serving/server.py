@@ -60,6 +60,9 @@ class ServeConfig:
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     """Embedding tables of the full model: auto = the cheapest measured to lose < 0.001 AUC
     (``valuerank bench precision``; cached in the model folder's precision.json)."""
+    mlp_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The full model's per-candidate MLP: auto = bf16 where the CPU multiplies bf16 natively
+    (AVX-512 BF16, AMX) and ``valuerank bench precision`` measured it within 0.001 AUC, else fp32."""
     rank_by: RankBy = "value"
     """Order of the returned items: value = expected value, P(click) x the item's price (the
     revenue-maximising slate; P(click) alone when the catalog has no prices); click = P(click)."""
@@ -91,6 +94,8 @@ class ServeConfig:
             raise ValueError(f"{self.model_threads=} must be >= 1")
         if self.precision not in ("auto", "fp32", "fp16", "int8"):
             raise ValueError(f"{self.precision=} must be auto, fp32, fp16 or int8")
+        if self.mlp_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
         if self.policy not in POLICY_NAMES:
@@ -213,6 +218,7 @@ class RunningServer:
             config=self.config.pipeline_config(),
             model_threads=self.config.model_threads,
             precision=self.config.precision,
+            mlp_precision=self.config.mlp_precision,
             item_store=self._item_store,
             rank_by=cfg.rank_by,
         )

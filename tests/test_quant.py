@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.data import Rows, single_hot_kjt
 from dlrm.factored import FactoredDLRM, split_tables
+from embeddings.fast_path import native_bf16
 from embeddings.precision import (
     PRECISION_FILE,
     PrecisionConfig,
@@ -25,10 +26,13 @@ from embeddings.precision import (
     choose_precision,
     held_out_rows,
     load_or_measure,
+    mlp_precision_for,
 )
 from embeddings.quant import PRECISIONS, quant_tables, quantize_collection, table_bytes
 from loadtest import cli
-from serving.assets import ServingAssets, build_pipeline
+from serving.assets import ServingAssets, build_pipeline, full_scorer
+from serving.domain import Candidates, Query
+from serving.features import FeatureResolver
 from serving.server import ServeConfig
 
 if TYPE_CHECKING:
@@ -145,6 +149,13 @@ def test_measure_precisions_chooses_cheapest_within_limit_and_caches(artifact_co
     assert all(e["lookups_per_s"] > 0 for e in result["precisions"].values())
     assert set(result["bf16_mlp"]) == {"fp32", chosen}
     assert abs(result["bf16_mlp"]["fp32"]["auc_delta"]) < 0.01
+    # On a CPU with native bf16 the full path is timed both ways (else nothing to gain).
+    speed = result["bf16_mlp"][chosen]
+    if native_bf16():
+        assert speed["fp32_call_ms"] > 0 and speed["bf16_call_ms"] > 0
+        assert speed["speedup"] == pytest.approx(speed["fp32_call_ms"] / speed["bf16_call_ms"])
+    else:
+        assert "speedup" not in speed
 
     cached = artifact_copy.path / PRECISION_FILE
     assert json.loads(cached.read_text()) == result
@@ -204,3 +215,47 @@ def test_build_pipeline_serves_the_chosen_precision(
         build_pipeline(assets, precision="int4")
     with pytest.raises(ValueError, match="precision"):
         ServeConfig(precision="int4")  # type: ignore[arg-type]
+
+
+def test_mlp_precision_is_bf16_only_natively_and_within_the_auc_limit() -> None:
+    bf16_mlp = {
+        "int8": {"auc_delta": -0.0002, "speedup": 1.3},
+        "fp32": {"auc_delta": -0.01, "speedup": 1.3},
+        "fp16": {"auc_delta": 0.0, "speedup": 1.01},
+    }
+    measured = {"max_auc_loss": 0.001, "bf16_mlp": bf16_mlp}
+    assert mlp_precision_for(measured, "int8", native=True) == "bf16"
+    assert mlp_precision_for(measured, "int8", native=False) == "fp32"  # emulated bf16 is slow
+    assert mlp_precision_for(measured, "fp32", native=True) == "fp32"  # loses too much AUC
+    assert mlp_precision_for(measured, "fp16", native=True) == "fp32"  # not faster than noise
+    bf16_mlp["int8"].pop("speedup")
+    assert mlp_precision_for(measured, "int8", native=True) == "fp32"  # speed not measured
+    assert mlp_precision_for({}, "int8", native=True) == "fp32"
+
+
+def test_full_scorer_runs_the_mlp_in_the_asked_precision(
+    artifact_copy: ModelArtifact, serving_assets: ServingFolder
+) -> None:
+    loaded = serving_assets.load()
+    assets = ServingAssets(artifact_copy, loaded.catalog, loaded.index, loaded.index_manifest)
+    features = FeatureResolver(artifact_copy.schema, assets.catalog).resolve(
+        Query("r", user_id=3, surface=assets.catalog.surfaces[0], sparse={}, dense={}, k=5)
+    )
+    candidates = Candidates(np.arange(50), np.zeros(50, dtype=np.float32))
+    probs = {}
+    for mlp in ("fp32", "bf16"):
+        scorer = full_scorer(assets, precision="fp32", mlp_precision=mlp)
+        assert scorer.model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[mlp]
+        probs[mlp] = scorer.score_batch([features], [candidates])[0]
+    diff = np.abs(probs["bf16"] - probs["fp32"])
+    assert 0 < diff.max() < 0.02
+    # auto follows the measured choice and this CPU: bf16 only with native bf16.
+    (artifact_copy.path / PRECISION_FILE).write_text(
+        json.dumps({"chosen": "fp32", "bf16_mlp": {"fp32": {"auc_delta": 0.0, "speedup": 1.2}}})
+    )
+    auto = full_scorer(assets, precision="auto", mlp_precision="auto")
+    assert auto.model.dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="mlp_precision"):
+        full_scorer(assets, mlp_precision="fp8")
+    with pytest.raises(ValueError, match="mlp_precision"):
+        ServeConfig(mlp_precision="fp8")  # type: ignore[arg-type]

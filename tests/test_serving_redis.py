@@ -86,6 +86,7 @@ def test_grpc_server_with_redis_tier_ranks_like_in_process_and_reports_store_cou
         port=0,
         grace_s=1.0,
         precision="fp32",
+        mlp_precision="fp32",  # equal to the in-process pipeline's scores, bit for bit
         default_candidates=CANDIDATES,
         item_store_config=str(config_file),
     )
