@@ -58,7 +58,6 @@ class RouteFeaturizer:
         item_values: np.ndarray | None = None,
     ) -> None:
         self._values = item_values
-        self._log_values = None if item_values is None else np.log(np.maximum(item_values, 1e-12))
         request = [schema.sparse[i] for i in schema.side_indices("user", "context")]
         self.columns = np.array(
             [j for j, f in enumerate(request) if f.cardinality <= config.max_cardinality], dtype=np.int64
@@ -84,7 +83,7 @@ class RouteFeaturizer:
         names = schema.dense_names
         wanted = names if config.dense is None else [n for n in names if n in config.dense]
         self._dense = np.array([names.index(n) for n in wanted], dtype=np.int64)
-        self.n_continuous = len(self._dense) + 3 + (2 if self._log_values is not None else 0)
+        self.n_continuous = len(self._dense) + 3 + (2 if self._values is not None else 0)
         self.continuous_offset = cursor
         cursor += self.n_continuous
         self.continuous_cross_offset = cursor
@@ -98,8 +97,8 @@ class RouteFeaturizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         ids = np.minimum(request.sparse[self.columns], self.cards - 1)
         stats = [request.dense[self._dense].astype(np.float64), _score_stats(candidates, k)]
-        if self._values is not None and self._log_values is not None:
-            stats.append(_value_stats(candidates, k, self._values, self._log_values))
+        if self._values is not None:
+            stats.append(_value_stats(candidates, k, self._values))
         continuous = np.concatenate(stats)
         parts = [np.zeros(1, dtype=np.int64), self.offsets + ids]
         values = [np.ones(1 + len(ids))]
@@ -125,14 +124,13 @@ def _score_stats(candidates: Candidates | None, k: int) -> np.ndarray:
     return np.array([s[0], head, rest.mean() if len(rest) else head])
 
 
-def _value_stats(
-    candidates: Candidates | None, k: int, values: np.ndarray, log_values: np.ndarray
-) -> np.ndarray:
+def _value_stats(candidates: Candidates | None, k: int, values: np.ndarray) -> np.ndarray:
     """Mean and spread of the log item values of the cheap path's slate (``serving.ranking``)."""
     if candidates is None or len(candidates.item_ids) == 0:
         return np.zeros(2)
-    top = cheap_slate(candidates.retrieval_scores, values[candidates.item_ids], k)
-    v = log_values[candidates.item_ids[top]]
+    candidate_values = values[candidates.item_ids]
+    top = cheap_slate(candidates.retrieval_scores, candidate_values, k)
+    v = np.log(np.maximum(candidate_values[top], 1e-12))
     return np.array([v.mean(), v.std()])
 
 
