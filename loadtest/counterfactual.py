@@ -4,8 +4,8 @@ For each request of the world's replay log (time order): resolve its features wi
 ``FeatureResolver``, retrieve ``K`` candidates from the Faiss index, score them with the full
 path (``full_scorer``: tables and MLP in the precisions the server would pick; micro-batches
 of ``batch`` requests like the pipeline's batcher) and the cheap path (``CheapScorer``, one
-request at a time like the pipeline), and take each path's
-slate as the pipeline does (``serving.ranking``: top-k by P(click) x price, or by P(click)).
+request at a time like the pipeline), and take each path's slate as the pipeline does
+(``serving.ranking``: top-k by P(click) x price, or by P(click)).
 Costs are measured live: ``time.thread_time`` around each scorer call, a request's cost being
 its share of its batch (as ``MicroBatcher`` reports ``compute_cpu_s``). Revenue is
 counterfactual: ``World.expected_revenue`` of each slate (exact expectation under the
@@ -126,8 +126,8 @@ def score_log(
     values = item_values_for(rank_by, catalog.item_price)
     probs: dict[Path_, list[np.ndarray]] = {"full": full_scores, "cheap": cheap_scores}
     slates = {path: _slates(cands, probs[path], values, k) for path in probs}
-    # Both orders priced on the same slates' scores: what ranking by value rather than by click
-    # (or the reverse) is worth, measured in this run.
+    # Each path's scores ordered both ways and priced: what ordering by value rather than by
+    # click is worth, measured in this run whichever order is served.
     ranking_revenue = {
         order: {
             path: float(world.expected_revenue(requests, _slates(cands, probs[path], order_values, k)).sum())

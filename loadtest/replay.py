@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -72,10 +72,11 @@ class ReplayConfig:
     """Seed of the realised outcomes and of the routers' exploration."""
     window_requests: int = 200
     """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     """The full path's table precision, as ``serve --precision`` (auto: the model's measured choice)."""
-    mlp_precision: str = "auto"
-    """The full path's per-candidate MLP, as ``serve --mlp-precision`` (auto: bf16 where native)."""
+    mlp_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The full path's per-candidate MLP, as ``serve --mlp-precision`` (auto: bf16 where it
+    measured faster and harmless)."""
     rank_by: RankBy = "value"
     """How both paths order their slates (``serving.ranking``): value = P(click) x price, as the
     server does by default; click = P(click)."""
@@ -92,6 +93,10 @@ class ReplayConfig:
             raise ValueError(f"{self.batch=} must be >= 1")
         if self.window_requests < 0:
             raise ValueError(f"{self.window_requests=} must be >= 0")
+        if self.precision not in ("auto", "fp32", "fp16", "int8"):
+            raise ValueError(f"{self.precision=} must be auto, fp32, fp16 or int8")
+        if self.mlp_precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
         if self.warmup_requests < 0:
