@@ -112,6 +112,26 @@ def build_index(vectors: np.ndarray, config: IndexConfig = IndexConfig()) -> fai
     return index
 
 
+def value_vectors(item_vectors: np.ndarray, item_price: np.ndarray) -> np.ndarray:
+    """Index rows ``[v, log price]`` for retrieval by expected value.
+
+    A query ``[u, w]`` scores ``<u, v> + w log price``: the two-tower's click logit plus ``w`` times
+    the log price. At ``w = 1`` that is ``log(P(click) x price)`` up to the sigmoid's curvature
+    (``log sigmoid(x) ~ x`` for the small click probabilities of a feed), so the index returns the
+    candidates a value ranking wants; ``w = 0`` is retrieval by click alone, from the same index.
+    """
+    if len(item_price) != len(item_vectors):
+        raise ValueError(f"{len(item_price)} prices for {len(item_vectors)} item vectors")
+    log_price = np.log(np.maximum(np.asarray(item_price, dtype=np.float64), 1e-12))
+    return np.hstack([_as_f32(item_vectors), log_price[:, None].astype(np.float32)])
+
+
+def value_queries(user_vectors: np.ndarray, weight: float) -> np.ndarray:
+    """Queries ``[u, weight]`` for an index over ``value_vectors``."""
+    xq = _as_f32(user_vectors)
+    return np.hstack([xq, np.full((len(xq), 1), weight, dtype=np.float32)])
+
+
 def recall_at_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
     """Mean over queries of |index top-k ∩ exact top-k| / k, exact = IndexFlatIP over ``vectors``."""
     xb, xq = _as_f32(vectors), _as_f32(queries)

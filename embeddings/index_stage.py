@@ -2,8 +2,9 @@
 
 ``<artifacts>/index/<key>/`` holds what ``serving.assets.ServingAssets`` loads::
 
-    catalog.npz, catalog.json   item / user ids, user dense features, retrieval vectors
-    items.faiss                 the inner-product index, row i = item id i
+    catalog.npz, catalog.json   item / user ids, user dense features, retrieval vectors, prices
+    items.faiss                 the inner-product index over [item vector, log price] (value
+                                retrieval, ``embeddings.index.value_vectors``), row i = item id i
     manifest.json               configs, recall@k against exact search, two-tower metrics
 
 ``manifest.json`` is written last and atomically: a folder with it is complete, and a later
@@ -30,10 +31,12 @@ from dlrm.synth import ensure_world_logs
 from dlrm.two_tower import TwoTowerConfig, train_world_two_tower
 from dlrm.world import World, WorldConfig
 from embeddings.catalog import CATALOG_FORMAT, world_catalog
-from embeddings.index import IndexConfig, build_index, recall_at_k
+from embeddings.index import IndexConfig, build_index, recall_at_k, value_queries, value_vectors
 
 INDEX_FILE = "items.faiss"
 MANIFEST = "manifest.json"
+INDEX_FORMAT = 2
+"""2: rows carry a log-price coordinate (``value_coordinate`` in the manifest)."""
 SLATE_REQUESTS = 300
 """Requests sampled to measure how much of the ground-truth best slate retrieval reaches."""
 LATENCY_QUERIES = 200
@@ -52,7 +55,12 @@ def ensure_index(
     index_config = index_config or IndexConfig()
     two_tower_config = two_tower_config or TwoTowerConfig()
     key = config_key(
-        "index", CATALOG_FORMAT, world_config.key(), asdict(index_config), asdict(two_tower_config)
+        "index",
+        INDEX_FORMAT,
+        CATALOG_FORMAT,
+        world_config.key(),
+        asdict(index_config),
+        asdict(two_tower_config),
     )
     folder = artifacts / "index" / key
     if is_complete(folder):
@@ -67,7 +75,8 @@ def ensure_index(
     world_catalog(world, tower.item_vectors, tower.user_vectors).save(folder)
 
     index_started = time.perf_counter()
-    index = build_index(tower.item_vectors, index_config)
+    rows = value_vectors(tower.item_vectors, world.item_price)
+    index = build_index(rows, index_config)
     index_seconds = time.perf_counter() - index_started
     tmp = folder / (INDEX_FILE + ".tmp")
     faiss.write_index(index, str(tmp))
@@ -75,9 +84,12 @@ def ensure_index(
 
     rng = np.random.default_rng(index_config.recall_seed)
     # Queries follow traffic (Zipf user activity), as the served recall does.
-    queries = tower.user_vectors[world.sample_requests(index_config.recall_queries, rng).user]
+    # Queries as served: by expected value (weight 1 on the log price).
+    queries = value_queries(
+        tower.user_vectors[world.sample_requests(index_config.recall_queries, rng).user], 1.0
+    )
     k = min(index_config.recall_k, world.n_items)
-    recall = recall_at_k(index, tower.item_vectors, queries, k)
+    recall = recall_at_k(index, rows, queries, k)
     manifest: dict[str, Any] = {
         "version": f"index-{key}",
         "world_key": world_config.key(),
@@ -85,6 +97,7 @@ def ensure_index(
         "index": index_config.params(world.n_items),
         "index_config": asdict(index_config),
         "d": int(tower.item_vectors.shape[1]),
+        "value_coordinate": True,
         "n_items": int(world.n_items),
         "n_users": int(world.n_users),
         "recall_at_k": {"k": k, "value": recall, "queries": len(queries), "against": "IndexFlatIP"},
@@ -148,7 +161,8 @@ def _search_us_p50(index: faiss.Index, queries: np.ndarray, k: int) -> float:
 def _ideal_slate_recall(
     world: World, index: faiss.Index, user_vectors: np.ndarray, k: int, rng: np.random.Generator
 ) -> dict[str, float | int]:
-    """Share of each request's ground-truth best slate that the index's top ``k`` contains.
+    """Share of each request's ground-truth best slate (by expected revenue) that the index's top
+    ``k`` contains, retrieving by value (``value``) and by click (``value_by_click``).
 
     The bound on what any ranker after retrieval can show; the truth depends on the context,
     which the user tower never sees, so even a perfect user-level model stays below 1.
@@ -156,9 +170,12 @@ def _ideal_slate_recall(
     requests = world.sample_requests(SLATE_REQUESTS, rng)
     slate = world.config.slate_size
     ideal = world.ideal_slates(requests, slate)
-    _, found = index.search(np.ascontiguousarray(user_vectors[requests.user]), k)
-    hits = [np.intersect1d(f[f >= 0], t).size for f, t in zip(found, ideal, strict=True)]
-    return {"k": k, "slate_size": slate, "requests": len(requests), "value": float(np.mean(hits) / slate)}
+    out: dict[str, float | int] = {"k": k, "slate_size": slate, "requests": len(requests)}
+    for name, weight in (("value", 1.0), ("value_by_click", 0.0)):
+        _, found = index.search(value_queries(user_vectors[requests.user], weight), k)
+        hits = [np.intersect1d(f[f >= 0], t).size for f, t in zip(found, ideal, strict=True)]
+        out[name] = float(np.mean(hits) / slate)
+    return out
 
 
 if __name__ == "__main__":

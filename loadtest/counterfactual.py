@@ -82,6 +82,7 @@ def score_log(
     batch: int,
     seed: int,
     rank_by: RankBy = "value",
+    retrieval_value_weight: float = 1.0,
     precision: str = "auto",
     mlp_precision: str = "auto",
     progress: bool = False,
@@ -94,7 +95,7 @@ def score_log(
     features = [resolver.resolve(q) for q in _queries(world, schema, requests, names, candidates)]
     segments = [f.segment for f in features]
 
-    retriever = FaissRetriever(assets.index)
+    retriever = assets.retriever(retrieval_value_weight)
     user_vectors = np.stack([f.user_vector for f in features])
     cands: list[Candidates] = []
     for start in range(0, n, 512):

@@ -80,6 +80,9 @@ class ReplayConfig:
     rank_by: RankBy = "value"
     """How both paths order their slates (``serving.ranking``): value = P(click) x price, as the
     server does by default; click = P(click)."""
+    retrieval_value_weight: float = 1.0
+    """Weight of log price in the retrieval score, as ``serve --retrieval-value-weight`` (1: by
+    expected value, 0: by click)."""
     warmup_requests: int = 0
     """Requests of a previous day (drawn from the world with another seed) that learning policies
     run over before the replayed day, which alone is measured; 0: they start cold."""
@@ -99,6 +102,8 @@ class ReplayConfig:
             raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
+        if not 0.0 <= self.retrieval_value_weight <= 10.0:
+            raise ValueError(f"{self.retrieval_value_weight=} must be in [0, 10]")
         if self.warmup_requests < 0:
             raise ValueError(f"{self.warmup_requests=} must be >= 0")
 
@@ -189,6 +194,7 @@ def build_scored_logs(
         candidates=config.candidates,
         batch=config.batch,
         rank_by=config.rank_by,
+        retrieval_value_weight=config.retrieval_value_weight,
         precision=config.precision,
         mlp_precision=config.mlp_precision,
         progress=progress,

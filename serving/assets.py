@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faiss
+import numpy as np
 
 from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.factored import FactoredDLRM, split_tables
@@ -48,6 +49,17 @@ class ServingAssets:
     index: faiss.Index
     index_manifest: dict[str, Any]
 
+    def retriever(self, value_weight: float = 1.0) -> FaissRetriever:
+        """The index's retriever, scoring ``<user, item> + value_weight x log price`` when the
+        index rows carry a log-price coordinate (``embeddings.index.value_vectors``; 1: by
+        expected value, 0: by click); an index without one retrieves by click."""
+        if not self.index_manifest.get("value_coordinate"):
+            return FaissRetriever(self.index)
+        if self.catalog.item_price is None:
+            raise ValueError("the index has a log-price coordinate but the catalog has no prices")
+        log_price = np.log(np.maximum(self.catalog.item_price.astype(np.float64), 1e-12))
+        return FaissRetriever(self.index, log_price, value_weight=value_weight)
+
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path) -> ServingAssets:
         model = load_artifact(model_dir)
@@ -70,8 +82,10 @@ def build_pipeline(
     item_store: EmbeddingStore | None = None,
     decision_log: DecisionLog | None = None,
     rank_by: RankBy = "value",
+    retrieval_value_weight: float = 1.0,
 ) -> Pipeline:
-    """The serving pipeline around ``full_scorer(assets, ...)`` and the cheap path."""
+    """The serving pipeline around ``assets.retriever(retrieval_value_weight)``,
+    ``full_scorer(assets, ...)`` and the cheap path; slates ordered by ``rank_by``."""
     scorers: dict[Path_, Scorer] = {
         "full": full_scorer(
             assets,
@@ -84,7 +98,7 @@ def build_pipeline(
     }
     return Pipeline(
         resolver=FeatureResolver(assets.model.schema, assets.catalog),
-        retriever=FaissRetriever(assets.index),
+        retriever=assets.retriever(retrieval_value_weight),
         scorers=scorers,
         router=router or FixedRouter("full"),
         tracker=tracker or InMemoryTracker(),

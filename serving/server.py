@@ -66,6 +66,9 @@ class ServeConfig:
     rank_by: RankBy = "value"
     """Order of the returned items: value = expected value, P(click) x the item's price (the
     revenue-maximising slate; P(click) alone when the catalog has no prices); click = P(click)."""
+    retrieval_value_weight: float = 1.0
+    """Candidates are the top by ``<user, item> + w x log price`` (index with a log-price
+    coordinate): 1 = by the two-tower's expected value, 0 = by click affinity alone."""
     policy: str = "always_full"
     """Routing policy: always_full, always_cheap, static_tiers or value_aware (``serving.policies``)."""
     seed: int = 0
@@ -98,6 +101,8 @@ class ServeConfig:
             raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
+        if not 0.0 <= self.retrieval_value_weight <= 10.0:
+            raise ValueError(f"{self.retrieval_value_weight=} must be in [0, 10]")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"{self.policy=} must be one of {POLICY_NAMES}")
         if self.max_outcomes < 1:
@@ -221,6 +226,7 @@ class RunningServer:
             mlp_precision=self.config.mlp_precision,
             item_store=self._item_store,
             rank_by=cfg.rank_by,
+            retrieval_value_weight=cfg.retrieval_value_weight,
         )
 
 

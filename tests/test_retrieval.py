@@ -152,21 +152,35 @@ def test_index_folder_serves_distinct_valid_candidates(index_dir: Path) -> None:
     index = faiss.read_index(str(index_dir / INDEX_FILE))
     assert manifest["world_key"] == TINY.key()
     assert manifest["n_items"] == catalog.n_items == index.ntotal
-    assert manifest["d"] == catalog.item_vectors.shape[1] == index.d
+    assert manifest["d"] == catalog.item_vectors.shape[1] == index.d - 1  # + the log-price coordinate
+    assert manifest["value_coordinate"] is True
     assert manifest["recall_at_k"]["k"] == 500
     assert manifest["recall_at_k"]["value"] >= 0.9
     assert manifest["two_tower"]["metrics"]["test_auc"] > 0.55
+    slate_recall = manifest["ideal_slate_recall"]
+    assert slate_recall["value"] > slate_recall["value_by_click"]  # the ideal slate is by value
 
     k = 50
     users = np.arange(8)
-    ids, scores = FaissRetriever(index).retrieve(catalog.user_vectors[users], k)
-    assert ids.shape == (len(users), k)
-    for row in ids:
-        assert len(set(row.tolist())) == k
-        assert ((row >= 0) & (row < catalog.n_items)).all()
-    # Row i of the index is item id i: the returned scores are those items' inner products.
-    expected = np.einsum("bkd,bd->bk", catalog.item_vectors[ids], catalog.user_vectors[users])
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert catalog.item_price is not None
+    log_price = np.log(catalog.item_price.astype(np.float64))
+    logits_all = catalog.user_vectors[users] @ catalog.item_vectors.T
+    for weight in (0.0, 1.0):
+        ids, scores = FaissRetriever(index, log_price, value_weight=weight).retrieve(
+            catalog.user_vectors[users], k
+        )
+        assert ids.shape == (len(users), k)
+        for row in ids:
+            assert len(set(row.tolist())) == k
+            assert ((row >= 0) & (row < catalog.n_items)).all()
+        # Row i of the index is item id i; the scores are those items' two-tower inner products
+        # whatever the weight, and the hits are ranked by inner product + weight x log price.
+        expected = np.einsum("bkd,bd->bk", catalog.item_vectors[ids], catalog.user_vectors[users])
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+        keys = np.take_along_axis(logits_all + weight * log_price, ids, axis=1)
+        assert (np.diff(keys, axis=1) <= 1e-4).all()
+    with pytest.raises(ValueError, match="log-price"):
+        FaissRetriever(index, None, value_weight=1.0)
 
 
 def test_ensure_index_reuses_a_complete_folder(
