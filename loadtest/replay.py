@@ -51,10 +51,11 @@ from loadtest.policy_sim import (
     summarise,
     table_mask,
 )
+from serving.assets import check_scoring_choices
 from serving.clock import ManualClock
 from serving.controller import ControllerConfig
 from serving.policies import StaticTiersConfig, ValueAwareConfig, make_router
-from serving.ranking import RANK_BY, RankBy
+from serving.ranking import RankBy
 from serving.router import Router
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -96,14 +97,7 @@ class ReplayConfig:
             raise ValueError(f"{self.batch=} must be >= 1")
         if self.window_requests < 0:
             raise ValueError(f"{self.window_requests=} must be >= 0")
-        if self.precision not in ("auto", "fp32", "fp16", "int8"):
-            raise ValueError(f"{self.precision=} must be auto, fp32, fp16 or int8")
-        if self.mlp_precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
-        if self.rank_by not in RANK_BY:
-            raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
-        if not 0.0 <= self.retrieval_value_weight <= 10.0:
-            raise ValueError(f"{self.retrieval_value_weight=} must be in [0, 10]")
+        check_scoring_choices(self.precision, self.mlp_precision, self.rank_by, self.retrieval_value_weight)
         if self.warmup_requests < 0:
             raise ValueError(f"{self.warmup_requests=} must be >= 0")
 

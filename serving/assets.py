@@ -30,7 +30,7 @@ from serving.decision_log import DecisionLog
 from serving.domain import Path_
 from serving.features import FeatureResolver
 from serving.pipeline import Pipeline, PipelineConfig
-from serving.ranking import RankBy, item_values_for
+from serving.ranking import RANK_BY, RankBy, item_values_for
 from serving.retriever import FaissRetriever
 from serving.revenue import InMemoryTracker, RevenueTracker
 from serving.router import FixedRouter, Router
@@ -108,6 +108,21 @@ def build_pipeline(
         decision_log=decision_log,
         item_values=item_values_for(rank_by, assets.catalog.item_price),
     )
+
+
+def check_scoring_choices(
+    precision: str, mlp_precision: str, rank_by: str, retrieval_value_weight: float
+) -> None:
+    """Validate what ``build_pipeline`` takes about the full path, retrieval and the slate order
+    (``ServeConfig`` and the replay's config both carry these); ValueError names the field."""
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"{precision=} must be auto or one of {PRECISIONS}")
+    if mlp_precision not in ("auto", *MLP_DTYPES):
+        raise ValueError(f"{mlp_precision=} must be auto or one of {tuple(MLP_DTYPES)}")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"{rank_by=} must be one of {RANK_BY}")
+    if not 0.0 <= retrieval_value_weight <= 10.0:
+        raise ValueError(f"{retrieval_value_weight=} must be in [0, 10]")
 
 
 def full_scorer(

@@ -24,12 +24,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embeddings.store import EmbeddingStore, open_store
-from serving.assets import ServingAssets, build_pipeline, load_store_config
+from serving.assets import ServingAssets, build_pipeline, check_scoring_choices, load_store_config
 from serving.convert import MAX_OUTCOMES
 from serving.decision_log import DecisionLog
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.policies import POLICY_NAMES, make_router
-from serving.ranking import RANK_BY, RankBy, item_values_for
+from serving.ranking import RankBy, item_values_for
 from serving.service import SERVICE_NAME, RecommenderServicer, add_to_server
 from serving.tracker_config import make_tracker, tracker_config_from_dict
 
@@ -95,14 +95,7 @@ class ServeConfig:
             raise ValueError(f"{self.grace_s=} must be >= 0")
         if self.model_threads < 1:
             raise ValueError(f"{self.model_threads=} must be >= 1")
-        if self.precision not in ("auto", "fp32", "fp16", "int8"):
-            raise ValueError(f"{self.precision=} must be auto, fp32, fp16 or int8")
-        if self.mlp_precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"{self.mlp_precision=} must be auto, fp32 or bf16")
-        if self.rank_by not in RANK_BY:
-            raise ValueError(f"{self.rank_by=} must be one of {RANK_BY}")
-        if not 0.0 <= self.retrieval_value_weight <= 10.0:
-            raise ValueError(f"{self.retrieval_value_weight=} must be in [0, 10]")
+        check_scoring_choices(self.precision, self.mlp_precision, self.rank_by, self.retrieval_value_weight)
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"{self.policy=} must be one of {POLICY_NAMES}")
         if self.max_outcomes < 1:
