@@ -122,8 +122,12 @@ def value_vectors(item_vectors: np.ndarray, item_price: np.ndarray) -> np.ndarra
     """
     if len(item_price) != len(item_vectors):
         raise ValueError(f"{len(item_price)} prices for {len(item_vectors)} item vectors")
-    log_price = np.log(np.maximum(np.asarray(item_price, dtype=np.float64), 1e-12))
-    return np.hstack([_as_f32(item_vectors), log_price[:, None].astype(np.float32)])
+    return np.hstack([_as_f32(item_vectors), log_prices(item_price)[:, None].astype(np.float32)])
+
+
+def log_prices(item_price: np.ndarray) -> np.ndarray:
+    """The index's last coordinate per item (a zero price is floored, not -inf)."""
+    return np.log(np.maximum(np.asarray(item_price, dtype=np.float64), 1e-12))
 
 
 def value_queries(user_vectors: np.ndarray, weight: float) -> np.ndarray:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import faiss
-import numpy as np
 
 from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.factored import FactoredDLRM, split_tables
 from embeddings.catalog import Catalog
+from embeddings.index import log_prices
 from embeddings.precision import MLP_DTYPES, choose_mlp_precision, choose_precision
 from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
 from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
@@ -57,8 +57,7 @@ class ServingAssets:
             return FaissRetriever(self.index)
         if self.catalog.item_price is None:
             raise ValueError("the index has a log-price coordinate but the catalog has no prices")
-        log_price = np.log(np.maximum(self.catalog.item_price.astype(np.float64), 1e-12))
-        return FaissRetriever(self.index, log_price, value_weight=value_weight)
+        return FaissRetriever(self.index, log_prices(self.catalog.item_price), value_weight=value_weight)
 
     @classmethod
     def load(cls, model_dir: Path, index_dir: Path) -> ServingAssets:
