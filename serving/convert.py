@@ -159,7 +159,7 @@ def recommend_response(rec: Recommendation) -> pb.RecommendResponse:
         items=[
             pb.ScoredItem(item_id=int(item), score=float(score), rank=rank, expected_value=float(value))
             for rank, (item, score, value) in enumerate(
-                zip(rec.item_ids, rec.scores, rec.values, strict=True)
+                zip(rec.item_ids, rec.scores, rec.expected_values, strict=True)
             )
         ],
         path=rec.path,
@@ -317,7 +317,7 @@ def recommendation(resp: pb.RecommendResponse) -> Recommendation:
         request_id=resp.request_id,
         item_ids=np.array([i.item_id for i in resp.items], dtype=np.int64),
         scores=np.array([i.score for i in resp.items], dtype=np.float32),
-        values=np.array([i.expected_value for i in resp.items], dtype=np.float32),
+        expected_values=np.array([i.expected_value for i in resp.items], dtype=np.float32),
         path=path,
         model_version=resp.model_version,
         decision=Decision(path, r.policy, r.reason, getattr(r, "lambda"), r.estimated_uplift, r.propensity),

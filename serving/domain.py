@@ -87,7 +87,7 @@ class Recommendation:
     item_ids: np.ndarray
     scores: np.ndarray
     """The scoring path's click probability per returned item."""
-    values: np.ndarray
+    expected_values: np.ndarray
     """The ranking key per item, best first: ``scores x item value`` (``serving.ranking``)."""
     path: Path_
     model_version: str

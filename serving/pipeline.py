@@ -194,7 +194,7 @@ class Pipeline:
             request_id=query.request_id,
             item_ids=candidates.item_ids[top],
             scores=result.value[top],
-            values=keys[top],
+            expected_values=keys[top],
             path=decision.path,
             model_version=self.model_version,
             decision=decision,

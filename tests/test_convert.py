@@ -151,7 +151,7 @@ def test_recommendation_round_trips_through_the_response() -> None:
         request_id="r1",
         item_ids=np.array([7, 3, 5], dtype=np.int64),
         scores=np.array([0.5, 0.9, 0.25], dtype=np.float32),
-        values=np.array([4.0, 1.5, 0.5], dtype=np.float32),
+        expected_values=np.array([4.0, 1.5, 0.5], dtype=np.float32),
         path="cheap",
         model_version="world-abc",
         decision=Decision("cheap", "value_aware", "low value", 0.3, 0.01, 0.9),
@@ -165,7 +165,7 @@ def test_recommendation_round_trips_through_the_response() -> None:
     back = convert.recommendation(resp)
     np.testing.assert_array_equal(back.item_ids, rec.item_ids)
     np.testing.assert_array_equal(back.scores, rec.scores)
-    np.testing.assert_array_equal(back.values, rec.values)
+    np.testing.assert_array_equal(back.expected_values, rec.expected_values)
     assert (back.decision, back.timings, back.segment, back.path) == (
         rec.decision,
         rec.timings,
