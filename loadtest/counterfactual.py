@@ -104,7 +104,7 @@ def score_log(
     retrieval_ms = _median_single_query_ms(retriever, user_vectors, candidates)
 
     full = full_scorer(assets, precision=precision, mlp_precision=mlp_precision, threads=1)
-    cheap = CheapScorer(catalog)
+    cheap = CheapScorer()
     full_scores: list[np.ndarray] = []
     cost_full = np.zeros(n)
     for start in range(0, n, batch):

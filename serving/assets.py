@@ -93,7 +93,7 @@ def build_pipeline(
             threads=model_threads,
             item_store=item_store,
         ),
-        "cheap": CheapScorer(assets.catalog),
+        "cheap": CheapScorer(),
     }
     return Pipeline(
         resolver=FeatureResolver(assets.model.schema, assets.catalog),

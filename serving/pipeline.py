@@ -220,7 +220,10 @@ class Pipeline:
         if path not in self._batchers:
             raise InvalidArgument("path", f"path {path!r} is not served here")
         self._check_deadline(query)
-        candidates = Candidates(ids, np.zeros(len(ids), dtype=np.float32))
+        # The caller's items were not retrieved: their two-tower inner products, as retrieval
+        # would have returned them (the cheap path scores from these).
+        inner = self.resolver.catalog.item_vectors[ids] @ features.user_vector
+        candidates = Candidates(ids, inner.astype(np.float32))
         result = await self._batchers[path].submit((features, candidates), weight=len(ids))
         total = (time.perf_counter() - t0) * 1000.0
         return ScoreResult(

@@ -97,17 +97,13 @@ class FullScorer(Scorer):
 
 
 class CheapScorer(Scorer):
-    """The two-tower's click probability ``sigmoid(<user, item>)``: no model call at all, ~30x
-    cheaper than full (``valuerank replay`` measures both)."""
+    """The two-tower's click probability ``sigmoid(<user, item>)`` from the inner products that
+    retrieval already computed (``Candidates.retrieval_scores``): no model call, no lookups.
+    ``valuerank replay`` measures its cost against the full path's."""
 
     path: Path_ = "cheap"
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
-        out = []
-        for req, cand in zip(requests, candidates, strict=True):
-            vectors = self.catalog.item_vectors[cand.item_ids]
-            out.append(retrieval_probs(vectors @ req.user_vector).astype(np.float32))
-        return out
+        if len(requests) != len(candidates):
+            raise ValueError(f"{len(requests)} requests but {len(candidates)} candidate lists")
+        return [retrieval_probs(cand.retrieval_scores).astype(np.float32) for cand in candidates]

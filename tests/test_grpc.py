@@ -95,14 +95,17 @@ def test_recommend_echoes_request_id_and_honours_force_path(stub: pb_grpc.Recomm
     assert values == sorted(values, reverse=True) and values[0] > 0
 
 
-def test_score_equals_recommend_scores_in_request_order(stub: pb_grpc.RecommenderStub) -> None:
+@pytest.mark.parametrize("path", ["full", "cheap"])
+def test_score_equals_recommend_scores_in_request_order(stub: pb_grpc.RecommenderStub, path: str) -> None:
+    """Score recomputes what Recommend served, for items it did not retrieve itself (the cheap
+    path scores from retrieval's inner products, which Score computes from the catalog)."""
     context = pb.Context(sparse={"hour": 9, "device": 1}, dense={"session_depth": 2.0})
-    rec = stub.Recommend(_rec(user_id=11, k=10, force_path="full", context=context), timeout=10)
+    rec = stub.Recommend(_rec(user_id=11, k=10, force_path=path, context=context), timeout=10)
     items = [i.item_id for i in rec.items][::-1]
     score = stub.Score(
-        pb.ScoreRequest(user_id=11, surface=SURFACE, context=context, item_ids=items), timeout=10
+        pb.ScoreRequest(user_id=11, surface=SURFACE, context=context, item_ids=items, path=path), timeout=10
     )
-    assert score.path == "full" and score.model_version == rec.model_version
+    assert score.path == path and score.model_version == rec.model_version
     np.testing.assert_allclose(score.scores, [i.score for i in rec.items][::-1], rtol=1e-5)
     assert len(score.request_id) == 32
 
