@@ -127,15 +127,6 @@ def score_log(
     values = item_values_for(rank_by, catalog.item_price)
     probs: dict[Path_, list[np.ndarray]] = {"full": full_scores, "cheap": cheap_scores}
     slates = {path: _slates(cands, probs[path], values, k) for path in probs}
-    # Each path's scores ordered both ways and priced: what ordering by value rather than by
-    # click is worth, measured in this run whichever order is served.
-    ranking_revenue = {
-        order: {
-            path: float(world.expected_revenue(requests, _slates(cands, probs[path], order_values, k)).sum())
-            for path in probs
-        }
-        for order, order_values in (("value", catalog.item_price), ("click", None))
-    }
     rng = np.random.default_rng(seed)
     expected: dict[Path_, np.ndarray] = {}
     realised: dict[Path_, np.ndarray] = {}
@@ -145,6 +136,17 @@ def score_log(
         events = world.sample_outcomes(requests, slates[path], rng)
         conversions[path] = [[(e[0], e[2]) for e in evs if e[1] == "conversion"] for evs in events]
         realised[path] = np.array([sum(r for _, r in conv) for conv in conversions[path]])
+    # Each path's scores priced in the other order too: what ordering by value rather than by
+    # click is worth, measured in this run whichever order is served.
+    served, other = ("click", "value") if values is None else ("value", "click")
+    other_values = catalog.item_price if other == "value" else None
+    ranking_revenue = {
+        served: {path: float(expected[path].sum()) for path in probs},
+        other: {
+            path: float(world.expected_revenue(requests, _slates(cands, probs[path], other_values, k)).sum())
+            for path in probs
+        },
+    }
     return ScoredLog(
         requests=requests,
         surface_names=names,
