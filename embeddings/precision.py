@@ -171,6 +171,8 @@ def choose_mlp_precision(artifact: ModelArtifact, tables: Precision) -> MlpPreci
     harmless (the cached ``precision.json``, which ``choose_precision`` writes), else fp32."""
     path = artifact.path / PRECISION_FILE
     result = json.loads(path.read_text()) if path.is_file() else {}
+    if mlp_precision_for(result, tables, native=True) == "fp32":
+        return "fp32"  # decided without the CPU probe, which costs a few timed products at start-up
     return mlp_precision_for(result, tables, native=native_bf16())
 
 
