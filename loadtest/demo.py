@@ -26,8 +26,8 @@ import numpy as np
 from dlrm.train import train_world
 from dlrm.world import Requests, World, WorldConfig
 from embeddings.index_stage import ensure_index
-from serving.client import RecommenderClient
 from serving.domain import Outcome, Query, Recommendation
+from serving.edge.client import RecommenderClient
 
 
 @dataclass

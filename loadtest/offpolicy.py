@@ -28,7 +28,7 @@ from loadtest.counterfactual import ScoredLog
 from loadtest.policy_sim import PolicyRun
 from serving.decision_log import DecisionLog, DecisionRecord, from_line
 from serving.domain import Outcome
-from serving.policies import StaticTiersConfig
+from serving.routing.policies import StaticTiersConfig
 
 
 @dataclass

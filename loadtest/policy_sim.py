@@ -26,7 +26,7 @@ import numpy as np
 from loadtest.counterfactual import ScoredLog
 from serving.clock import ManualClock
 from serving.domain import Decision
-from serving.router import RouteContext, Router
+from serving.routing.router import RouteContext, Router
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ order (``loadtest.policy_sim``):
 * ``always_full`` (one large model for all), ``always_cheap``;
 * ``static_tiers`` (the configured per-surface table) and ``static_tiers@B``, the best per-surface
   table that fits budget B (B = share of always-full's compute);
-* ``value_aware@B``: the online router of ``serving.policies``, learning from scratch during the
+* ``value_aware@B``: the online router of ``serving.routing.policies``, learning from scratch during the
   day (exploration, realised outcomes, measured costs), with its controller holding budget B;
 * ``oracle@B``: knows every request's true uplift and gives the full path to the highest ones;
   ``oracle_segment@B`` knows only every segment's (surface x tier) true mean uplift.
@@ -53,10 +53,10 @@ from loadtest.policy_sim import (
 )
 from serving.assets import check_scoring_choices
 from serving.clock import ManualClock
-from serving.controller import ControllerConfig
-from serving.policies import StaticTiersConfig, ValueAwareConfig, make_router
 from serving.ranking import RankBy
-from serving.router import Router
+from serving.routing.controller import ControllerConfig
+from serving.routing.policies import StaticTiersConfig, ValueAwareConfig, make_router
+from serving.routing.router import Router
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 

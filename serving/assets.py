@@ -32,8 +32,8 @@ from serving.features import FeatureResolver
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.ranking import RANK_BY, RankBy, item_values_for
 from serving.retriever import FaissRetriever
-from serving.revenue import InMemoryTracker, RevenueTracker
-from serving.router import FixedRouter, Router
+from serving.revenue.tracker import InMemoryTracker, RevenueTracker
+from serving.routing.router import FixedRouter, Router
 from serving.scoring import CheapScorer, FullScorer, Scorer
 
 log = logging.getLogger(__name__)

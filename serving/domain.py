@@ -1,4 +1,4 @@
-"""Domain types of the serving pipeline. No protobuf here: ``serving.convert`` maps to and from it."""
+"""Domain types of the serving pipeline. No protobuf here: ``serving.edge.convert`` maps to and from it."""
 
 from __future__ import annotations
 

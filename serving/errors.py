@@ -1,4 +1,4 @@
-"""Domain errors, mapped to gRPC status codes in one place (``serving.service``).
+"""Domain errors, mapped to gRPC status codes in one place (``serving.edge.servicer``).
 
 ::
 

@@ -36,8 +36,8 @@ from serving.errors import DeadlineExceeded, InvalidArgument
 from serving.features import FeatureResolver
 from serving.ranking import ranking_keys, top_k
 from serving.retriever import Retriever
-from serving.revenue import Inference, RevenueTracker
-from serving.router import RouteContext, Router
+from serving.revenue.tracker import Inference, RevenueTracker
+from serving.routing.router import RouteContext, Router
 from serving.scoring import Scorer
 
 

@@ -23,7 +23,7 @@ from dlrm.train import TrainConfig, train_world
 from dlrm.world import World, WorldConfig
 from embeddings.catalog import world_catalog
 from serving.assets import INDEX_FILE, INDEX_MANIFEST, ServingAssets
-from serving.server import RunningServer, ServeConfig, Source, start_server
+from serving.edge.server import RunningServer, ServeConfig, Source, start_server
 
 # Real redis-server / Redis Cluster fixtures (tests/redis_fixtures.py).
 pytest_plugins = ["redis_fixtures"]

@@ -1,4 +1,4 @@
-"""serving.convert: request validation and proto <-> domain mapping (no network)."""
+"""serving.edge.convert: request validation and proto <-> domain mapping (no network)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protos.valuerank.v1 import recommender_pb2 as pb
-from serving import convert
 from serving.domain import MAX_CANDIDATES, MAX_K, Decision, Outcome, Recommendation, ScoreResult, Timings
+from serving.edge import convert
+from serving.edge.server import ServeConfig
 from serving.errors import InvalidArgument
-from serving.server import ServeConfig
 
 SURFACE = "video_effects"
 

@@ -23,11 +23,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
-from serving import client_cmd, serve_cmd, stats_cmd
 from serving.assets import build_pipeline
+from serving.commands import recommend, routing_stats, serve
+from serving.edge.server import ServeConfig
 from serving.pipeline import Pipeline
 from serving.retriever import FaissRetriever
-from serving.server import ServeConfig
 
 if TYPE_CHECKING:
     from conftest import ServerThread, ServingFolder
@@ -398,23 +398,23 @@ def test_decision_log_records_decisions_and_outcomes_for_off_policy_replay(
 def test_recommend_command_prints_json(grpc_server: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--target", grpc_server, "--user-id", "3", "--surface", SURFACE, "--k", "4"]
     argv += ["--context-sparse", "hour=5", "--context-dense", "session_depth=1.5", "--request-id", "cli-1"]
-    assert client_cmd.main(argv) == 0
+    assert recommend.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["request_id"] == "cli-1"
     assert [i["rank"] for i in out["items"]] == [0, 1, 2, 3]
 
-    assert client_cmd.main(["--target", grpc_server, "--k", "0"]) == 2
+    assert recommend.main(["--target", grpc_server, "--k", "0"]) == 2
     assert "INVALID_ARGUMENT: k:" in capsys.readouterr().err
 
 
 def test_routing_stats_command_counts_served_requests(
     grpc_server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert stats_cmd.main(["--target", grpc_server, "--json"]) == 0
+    assert routing_stats.main(["--target", grpc_server, "--json"]) == 0
     before = json.loads(capsys.readouterr().out)
-    assert client_cmd.main(["--target", grpc_server, "--surface", SURFACE, "--request-id", "stats-1"]) == 0
+    assert recommend.main(["--target", grpc_server, "--surface", SURFACE, "--request-id", "stats-1"]) == 0
     capsys.readouterr()
-    assert stats_cmd.main(["--target", grpc_server, "--json"]) == 0
+    assert routing_stats.main(["--target", grpc_server, "--json"]) == 0
     after = json.loads(capsys.readouterr().out)
 
     def served(stats: dict[str, object]) -> float:
@@ -423,9 +423,9 @@ def test_routing_stats_command_counts_served_requests(
         return sum(cell["inferences"] for paths in segments.values() for cell in paths.values())
 
     assert served(after) == served(before) + 1
-    assert stats_cmd.main(["--target", grpc_server]) == 0
+    assert routing_stats.main(["--target", grpc_server]) == 0
     assert "policy" in capsys.readouterr().out
-    assert stats_cmd.main(["--target", "127.0.0.1:1", "--timeout", "0.5"]) == 2
+    assert routing_stats.main(["--target", "127.0.0.1:1", "--timeout", "0.5"]) == 2
 
 
 def test_serve_command_serves_until_sigterm(
@@ -451,7 +451,7 @@ def test_serve_command_serves_until_sigterm(
     driver = threading.Thread(target=client)
     driver.start()
     argv = ["--model", str(serving_assets.model_dir), "--index", str(serving_assets.index_dir)]
-    code = serve_cmd.main([*argv, "--port", str(port), "--grace-s", "1", "--log-level", "WARNING"])
+    code = serve.main([*argv, "--port", str(port), "--grace-s", "1", "--log-level", "WARNING"])
     driver.join(READY_S)
     assert code == 0
     assert seen == [5]
@@ -459,10 +459,10 @@ def test_serve_command_serves_until_sigterm(
 
 
 def test_serve_command_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    assert serve_cmd.main(["--model", "m", "--index", "i", "--policy", "nope"]) == 2
+    assert serve.main(["--model", "m", "--index", "i", "--policy", "nope"]) == 2
     assert "policy" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        serve_cmd.main(["--model", "m"])
+        serve.main(["--model", "m"])
 
 
 # -- grpcurl through reflection ------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["dlrm", "embeddings", "serving", "loadtest"]
-PROTO_USERS = {"serving/service.py", "serving/convert.py"}
+PROTO_USERS = {"serving/edge/servicer.py", "serving/edge/convert.py"}
 
 
 def _imports(path: Path) -> set[str]:

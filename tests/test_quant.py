@@ -32,8 +32,8 @@ from embeddings.quant import PRECISIONS, quant_tables, quantize_collection, tabl
 from loadtest import cli
 from serving.assets import ServingAssets, build_pipeline, full_scorer
 from serving.domain import Candidates, Query
+from serving.edge.server import ServeConfig
 from serving.features import FeatureResolver
-from serving.server import ServeConfig
 
 if TYPE_CHECKING:
     from conftest import ServingFolder

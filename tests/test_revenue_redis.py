@@ -23,9 +23,9 @@ from loadtest.redis_local import RedisProcess, free_port, require_binaries
 from serving.clock import ManualClock
 from serving.domain import EVENTS, Outcome
 from serving.errors import Unavailable
-from serving.revenue import Inference, InMemoryTracker, RevenueTracker
-from serving.revenue_redis import RedisTracker
-from serving.tracker_config import MemoryTrackerConfig, RedisTrackerConfig, make_tracker
+from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig, make_tracker
+from serving.revenue.redis import RedisTracker
+from serving.revenue.tracker import Inference, InMemoryTracker, RevenueTracker
 
 pytestmark = pytest.mark.integration
 

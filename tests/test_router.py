@@ -10,17 +10,17 @@ import pytest
 from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
 from loadtest.offpolicy import LoggedData, estimate
 from serving.clock import ManualClock
-from serving.controller import ControllerConfig, LambdaController
 from serving.domain import Candidates, Outcome, RequestFeatures
-from serving.policies import (
+from serving.routing.controller import ControllerConfig, LambdaController
+from serving.routing.policies import (
     POLICY_NAMES,
     StaticTiersConfig,
     ValueAwareConfig,
     ValueAwareRouter,
     make_router,
 )
-from serving.router import FixedRouter, RouteContext
-from serving.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
+from serving.routing.router import FixedRouter, RouteContext
+from serving.routing.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
 
 SCHEMA = FeatureSchema(
     name="tiny",

@@ -20,11 +20,11 @@ from embeddings.store import MemoryStore, RedisStoreConfig, open_store
 from loadtest import bench_serving
 from loadtest.redis_local import RedisProcess
 from serving.assets import ServingAssets, build_pipeline, store_config_from_dict
-from serving.client import RecommenderClient
 from serving.clock import ManualClock
 from serving.domain import Candidates, Query, Recommendation
+from serving.edge.client import RecommenderClient
+from serving.edge.server import ServeConfig
 from serving.pipeline import Pipeline, PipelineConfig
-from serving.server import ServeConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -10,8 +10,8 @@ import sys
 
 import grpc
 
-from serving import convert
-from serving.service import stub
+from serving.edge import convert
+from serving.edge.servicer import stub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from dlrm.configs import add_flags, from_flags
 from dlrm.train import train_world
 from dlrm.world import WorldConfig
 from serving.assets import ServingAssets, load_store_config
-from serving.server import ServeConfig, start_server
+from serving.edge.server import ServeConfig, start_server
 
 log = logging.getLogger(__name__)
 

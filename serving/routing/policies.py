@@ -7,10 +7,10 @@ Value-aware routing (after DCAF, Alibaba 2020): request i goes to the full path 
     uplift_i - lambda * (q_full - q_cheap) > 0
 
 ``uplift_i = Q_full,i - Q_cheap,i`` in dollars is the value model's prediction for this request
-(``serving.uplift``: a ridge model of the full model's own per-request slate-value uplift, on
+(``serving.routing.uplift``: a ridge model of the full model's own per-request slate-value uplift, on
 routing-time features) times its surface's dollars per model unit, learnt from realised revenue
 of full-path requests (``observe_outcome``). ``q_j`` is the measured CPU cost of path j (decayed
-means of ``observe``). ``lambda`` comes from ``serving.controller`` and holds the compute budget
+means of ``observe``). ``lambda`` comes from ``serving.routing.controller`` and holds the compute budget
 and the p99 target. Around that rule, in this order:
 
 1. deadline: a request with less than ``min_full_deadline_ms`` left (or less than the full path
@@ -34,10 +34,10 @@ import numpy as np
 
 from dlrm.schema import FeatureSchema
 from serving.clock import Clock, MonotonicClock
-from serving.controller import ControllerConfig, LambdaController
 from serving.domain import Decision, Outcome, Path_
-from serving.router import FixedRouter, RouteContext, Router
-from serving.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
+from serving.routing.controller import ControllerConfig, LambdaController
+from serving.routing.router import FixedRouter, RouteContext, Router
+from serving.routing.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
 
 POLICY_NAMES = ("always_full", "always_cheap", "static_tiers", "value_aware")
 

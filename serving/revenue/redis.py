@@ -43,7 +43,10 @@ from redis.retry import Retry
 from serving.clock import Clock, WallClock
 from serving.domain import Outcome, OutcomeReport, Path_
 from serving.errors import Unavailable
-from serving.revenue import (
+from serving.revenue.config import RedisTrackerConfig
+from serving.revenue.ledger import I_COMPUTE_MS, I_INFERENCES, I_IPW_INFERENCES, Cell
+from serving.revenue.log import InferenceRecord
+from serving.revenue.tracker import (
     COUNTERS,
     Cells,
     CellStats,
@@ -53,9 +56,6 @@ from serving.revenue import (
     check_outcomes,
     decay,
 )
-from serving.revenue_ledger import I_COMPUTE_MS, I_INFERENCES, I_IPW_INFERENCES, Cell
-from serving.revenue_log import InferenceRecord
-from serving.tracker_config import RedisTrackerConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from serving.client import RecommenderClient
+from serving.edge.client import RecommenderClient
 
 
 def main(argv: list[str] | None = None) -> int:

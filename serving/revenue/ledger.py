@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
 from serving.domain import Outcome, Path_
-from serving.revenue_log import (
+from serving.revenue.config import MemoryTrackerConfig
+from serving.revenue.log import (
     CellRecord,
     InferenceRecord,
     LedgerImage,
@@ -21,7 +22,6 @@ from serving.revenue_log import (
     SeenRecord,
     Served,
 )
-from serving.tracker_config import MemoryTrackerConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import grpc
 
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
-from serving import convert
+from serving.edge import convert
 from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Unavailable
 from serving.pipeline import Pipeline
 

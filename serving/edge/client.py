@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from serving import convert
 from serving.domain import Outcome, OutcomeReport, Path_, Query, Recommendation, ScoreResult
-from serving.service import stub
+from serving.edge import convert
+from serving.edge.servicer import stub
 
 
 class RecommenderClient:

@@ -25,13 +25,13 @@ from grpc_reflection.v1alpha import reflection
 
 from embeddings.store import EmbeddingStore, open_store
 from serving.assets import ServingAssets, build_pipeline, check_scoring_choices, load_store_config
-from serving.convert import MAX_OUTCOMES
 from serving.decision_log import DecisionLog
+from serving.edge.convert import MAX_OUTCOMES
+from serving.edge.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
 from serving.pipeline import Pipeline, PipelineConfig
-from serving.policies import POLICY_NAMES, make_router
 from serving.ranking import RankBy, item_values_for
-from serving.service import SERVICE_NAME, RecommenderServicer, add_to_server
-from serving.tracker_config import make_tracker, tracker_config_from_dict
+from serving.revenue.config import make_tracker, tracker_config_from_dict
+from serving.routing.policies import POLICY_NAMES, make_router
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class ServeConfig:
     """Candidates are the top by ``<user, item> + w x log price`` (index with a log-price
     coordinate): 1 = by the two-tower's expected value, 0 = by click affinity alone."""
     policy: str = "always_full"
-    """Routing policy: always_full, always_cheap, static_tiers or value_aware (``serving.policies``)."""
+    """Routing policy: always_full, always_cheap, static_tiers or value_aware
+    (``serving.routing.policies``)."""
     seed: int = 0
     """Seed of the router's exploration draws."""
     tracker_config: str | None = None

@@ -15,7 +15,7 @@ Two parts, learnt online from what serving sees anyway:
   ``OnlineRidge`` keeps decayed sufficient statistics and refits every few hundred labels.
 
 The router converts model units into dollars with a per-surface scale learnt from realised
-revenue (``serving.policies``), so the revenue feedback still comes from outcomes.
+revenue (``serving.routing.policies``), so the revenue feedback still comes from outcomes.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from serving.clock import Clock, WallClock
 
 if TYPE_CHECKING:
-    from serving.revenue import RevenueTracker
+    from serving.revenue.tracker import RevenueTracker
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ CONFIGS: dict[str, type[MemoryTrackerConfig] | type[RedisTrackerConfig]] = {
 """Backend name -> its config class."""
 
 BACKENDS: dict[str, str] = {
-    "memory": "serving.revenue:InMemoryTracker",
-    "redis": "serving.revenue_redis:RedisTracker",
+    "memory": "serving.revenue.tracker:InMemoryTracker",
+    "redis": "serving.revenue.redis:RedisTracker",
 }
 """Backend name -> ``module:class``, imported only when that backend is built."""
 

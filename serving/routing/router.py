@@ -12,7 +12,7 @@ says which path and why. They may learn from four feedback hooks, all called by 
   ``observe_outcome(segment, path, revenue, propensity)`` when the caller already knows the cell
   and propensity of the request (offline replay).
 
-The concrete policies beyond ``FixedRouter`` live in ``serving.policies`` (``make_router``).
+The concrete policies beyond ``FixedRouter`` live in ``serving.routing.policies`` (``make_router``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Revenue tracking: inferences, compute and realised revenue per segment and path.
 
 ``RevenueTracker`` is the ABC the pipeline and the router see. Backends: ``InMemoryTracker``
-here, the embedded default (state machine in ``serving.revenue_ledger``, durable through the
-append-only file of ``serving.revenue_log``), and ``serving.revenue_redis.RedisTracker``, shared
-by all replicas. ``serving.tracker_config.make_tracker`` builds either from its typed config.
+here, the embedded default (state machine in ``serving.revenue.ledger``, durable through the
+append-only file of ``serving.revenue.log``), and ``serving.revenue.redis.RedisTracker``, shared
+by all replicas. ``serving.revenue.config.make_tracker`` builds either from its typed config.
 
 Per cell (segment x path) a tracker keeps lifetime totals and exponentially decaying windows
 (half-life on the tracker's clock) of the same ``Counters``. Besides plain sums it keeps
@@ -32,9 +32,9 @@ from typing import Any
 from serving.clock import Clock, WallClock
 from serving.domain import EVENTS, Outcome, OutcomeReport, Path_
 from serving.errors import InvalidArgument, Unavailable
-from serving.revenue_ledger import COUNTERS, Cells, CellStats, Counters, Ledger, decay
-from serving.revenue_log import InferenceRecord, OutcomeLog, OutcomeRecord
-from serving.tracker_config import MemoryTrackerConfig
+from serving.revenue.config import MemoryTrackerConfig
+from serving.revenue.ledger import COUNTERS, Cells, CellStats, Counters, Ledger, decay
+from serving.revenue.log import InferenceRecord, OutcomeLog, OutcomeRecord
 
 __all__ = [
     "COUNTERS",
