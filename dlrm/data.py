@@ -66,3 +66,8 @@ def single_hot_kjt(keys: list[str], sparse: torch.Tensor) -> KeyedJaggedTensor:
         values=sparse.t().reshape(-1),
         lengths=torch.ones(batch * n_features, dtype=torch.int32),
     )
+
+
+def dense_input(dense: torch.Tensor) -> torch.Tensor:
+    """The bottom MLP's input: a schema without dense features still feeds it one zero column."""
+    return dense if dense.shape[1] else torch.zeros(dense.shape[0], 1)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -54,12 +54,10 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from tqdm import tqdm
 
-from dlrm.data import Rows, single_hot_kjt
+from dlrm.data import Rows, dense_input, single_hot_kjt
 from dlrm.model import ModelConfig, build_dlrm
 from dlrm.schema import FeatureSchema
-
-if TYPE_CHECKING:
-    from dlrm.train import TrainConfig
+from dlrm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +491,7 @@ def _train(job: _Job, lead: _Rank0 | None) -> tuple[dict[str, torch.Tensor], dic
         for start in bar:
             batch = order[start : start + config.batch_size]
             idx, weight = _rank_slice(batch, rank, world)
-            dense = _dense_input(torch.from_numpy(rows.dense[idx]))
+            dense = dense_input(torch.from_numpy(rows.dense[idx]))
             logits = dmp(dense, single_hot_kjt(schema.sparse_names, torch.from_numpy(rows.sparse[idx])))
             losses = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits.squeeze(1), torch.from_numpy(rows.labels[idx]), reduction="none"
@@ -548,11 +546,6 @@ def _rank_slice(batch: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, t
     idx = np.concatenate([mine, np.repeat(batch[:1], pad)])
     weight = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
     return idx, weight
-
-
-def _dense_input(dense: torch.Tensor) -> torch.Tensor:
-    # As in dlrm.train: a schema without dense features feeds the bottom MLP one zero column.
-    return dense if dense.shape[1] else torch.zeros(dense.shape[0], 1)
 
 
 def _load_full_state(dmp: DistributedModelParallel, full: dict[str, torch.Tensor]) -> None:

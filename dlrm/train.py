@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,69 +39,16 @@ from dlrm import metrics
 from dlrm.artifact import ModelArtifact, config_key, is_complete, load_artifact, save_model
 from dlrm.configs import add_flags
 from dlrm.criteo import CriteoConfig, Vocabulary, hash_ids, read_criteo
-from dlrm.data import Rows, single_hot_kjt
+from dlrm.data import Rows, dense_input, single_hot_kjt
 from dlrm.distributed import ShardConfig, fit_sharded, follow, leading, shard_config, torchrun_env
 from dlrm.model import ModelConfig, build_dlrm
 from dlrm.schema import FeatureSchema, load_schema
 from dlrm.synth import ensure_world_logs
+from dlrm.train_config import CRITEO_TRAIN, TrainConfig
 from dlrm.world import WorldConfig
 
 VOCABULARY_FILE = "vocab.npz"
 """Criteo artifacts keep their vocabulary beside the weights: raw ids -> table rows."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 5
-    """Passes over the training rows (the best one on validation is kept)."""
-    batch_size: int = 2048
-    """Rows per optimiser step."""
-    lr: float = 5e-3
-    """Adam learning rate for the MLPs."""
-    embedding_lr: float = 5e-2
-    """Adagrad learning rate for the embedding tables."""
-    weight_decay: float = 0.0
-    """L2 penalty on the MLP weights."""
-    embedding_weight_decay: float = 1e-3
-    """L2 penalty on the embedding rows (Adagrad weight decay): shrinks rarely seen ids, which
-    otherwise memorise their few rows (user_id, item_id, rare Criteo values)."""
-    embedding_init_std: float = 0.0
-    """Std of a normal init of the embedding rows; 0 keeps TorchRec's uniform(+-1/sqrt(rows)),
-    whose scale depends on the table size rather than on the data."""
-    validation: float = 0.1
-    """Fraction of the training rows held back to choose the best epoch."""
-    seed: int = 0
-    """Seed of initialisation, shuffling and splits."""
-    threads: int = 1
-    """torch intra-op threads while training (restored afterwards). The ops are small: a
-    second thread gains little and, on a busy machine, can make steps 10x slower."""
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"{self.epochs=} must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"{self.batch_size=} must be >= 1")
-        if self.lr <= 0 or self.embedding_lr <= 0:
-            raise ValueError(f"{self.lr=} and {self.embedding_lr=} must be > 0")
-        if self.weight_decay < 0 or self.embedding_weight_decay < 0:
-            raise ValueError(f"{self.weight_decay=} and {self.embedding_weight_decay=} must be >= 0")
-        if self.embedding_init_std < 0:
-            raise ValueError(f"{self.embedding_init_std=} must be >= 0")
-        if not 0.0 <= self.validation < 1.0:
-            raise ValueError(f"{self.validation=} must be in [0, 1)")
-        if self.threads < 1:
-            raise ValueError(f"{self.threads=} must be >= 1")
-
-
-CRITEO_TRAIN = TrainConfig(
-    epochs=12,
-    batch_size=256,
-    lr=1e-3,
-    embedding_lr=1e-2,
-    embedding_weight_decay=3e-4,
-    embedding_init_std=0.01,
-)
-"""Criteo defaults, tuned on 80/20 splits of the 8k-row sample (seeds 0-3)."""
 
 
 def criteo_model_config(schema: FeatureSchema) -> ModelConfig:
@@ -381,7 +328,7 @@ def _fit(
         )
         total = 0.0
         for dense, sparse, labels in bar:
-            logits = model(_dense_input(dense), single_hot_kjt(schema.sparse_names, sparse))
+            logits = model(dense_input(dense), single_hot_kjt(schema.sparse_names, sparse))
             loss = loss_fn(logits.squeeze(1), labels)
             for opt in optimisers:
                 opt.zero_grad()
@@ -426,7 +373,7 @@ def predict(model: torch.nn.Module, schema: FeatureSchema, rows: Rows, batch_siz
     out = []
     with torch.inference_mode():
         for dense, sparse, _ in _batches(rows, batch_size, np.arange(len(rows))):
-            logits = model(_dense_input(dense), single_hot_kjt(schema.sparse_names, sparse))
+            logits = model(dense_input(dense), single_hot_kjt(schema.sparse_names, sparse))
             out.append(torch.sigmoid(logits.squeeze(1)).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
@@ -444,11 +391,6 @@ def _batches(rows: Rows, batch_size: int, order: np.ndarray) -> Iterator[tuple[t
             torch.from_numpy(rows.sparse[idx]),
             torch.from_numpy(rows.labels[idx]),
         )
-
-
-def _dense_input(dense: torch.Tensor) -> torch.Tensor:
-    # A schema without dense features still feeds the bottom MLP one zero column.
-    return dense if dense.shape[1] else torch.zeros(dense.shape[0], 1)
 
 
 def _export(

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dlrm.train import TrainConfig, train_world
+from dlrm.train import train_world
+from dlrm.train_config import TrainConfig
 from dlrm.world import World, WorldConfig
 from embeddings.catalog import world_catalog
 from serving.assets import INDEX_FILE, INDEX_MANIFEST, ServingAssets

@@ -32,7 +32,8 @@ from dlrm.distributed import (
 from dlrm.model import ModelConfig, build_dlrm
 from dlrm.schema import load_schema
 from dlrm.synth import ensure_world_logs
-from dlrm.train import TrainConfig, evaluate, main, train_world
+from dlrm.train import evaluate, main, train_world
+from dlrm.train_config import TrainConfig
 from dlrm.world import WorldConfig
 
 TOLERANCE = 1e-5
