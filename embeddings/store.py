@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,20 +33,10 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm.schema import FeatureSchema, Side
+from embeddings.clock import Clock, MonotonicClock
 from embeddings.hot_cache import POLICIES, Policy
 
 DefaultRow = Literal["mean", "zeros"]
-
-
-class Clock(Protocol):
-    """Seconds on a monotonic scale (``serving.clock.ManualClock`` fits, for tests)."""
-
-    def now(self) -> float: ...
-
-
-class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
 
 
 # -- configs ------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from embeddings.clock import ManualClock
 from loadtest.counterfactual import ScoredLog
-from serving.clock import ManualClock
 from serving.domain import Decision
 from serving.routing.router import RouteContext, Router
 

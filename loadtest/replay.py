@@ -38,6 +38,7 @@ import numpy as np
 
 from dlrm.configs import add_flags, from_flags
 from dlrm.world import World, WorldConfig
+from embeddings.clock import ManualClock
 from loadtest.counterfactual import ScoredLog, score_log
 from loadtest.policy_sim import (
     LoadModel,
@@ -52,7 +53,6 @@ from loadtest.policy_sim import (
     table_mask,
 )
 from serving.assets import check_scoring_choices
-from serving.clock import ManualClock
 from serving.ranking import RankBy
 from serving.routing.controller import ControllerConfig
 from serving.routing.policies import StaticTiersConfig, ValueAwareConfig, make_router

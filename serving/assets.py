@@ -21,11 +21,11 @@ import faiss
 from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.factored import FactoredDLRM, split_tables
 from embeddings.catalog import Catalog
+from embeddings.clock import Clock
 from embeddings.index import log_prices
 from embeddings.precision import MLP_DTYPES, choose_mlp_precision, choose_precision
 from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
 from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
-from serving.clock import Clock
 from serving.decision_log import DecisionLog
 from serving.domain import Path_
 from serving.features import FeatureResolver

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from embeddings.clock import Clock, MonotonicClock
 from serving.batching import MicroBatcher
-from serving.clock import Clock, MonotonicClock
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.domain import (
     MAX_CANDIDATES,

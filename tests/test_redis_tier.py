@@ -25,6 +25,7 @@ from dlrm.factored import FactoredDLRM, split_tables
 from dlrm.model import ModelConfig, build_dlrm
 from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
 from embeddings import push
+from embeddings.clock import ManualClock
 from embeddings.redis_store import bucket_of, hash_tag
 from embeddings.store import (
     EmbeddingStore,
@@ -36,7 +37,6 @@ from embeddings.store import (
 )
 from loadtest import bench_redis
 from loadtest.redis_local import RedisProcess
-from serving.clock import ManualClock
 
 pytestmark = pytest.mark.integration
 

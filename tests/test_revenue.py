@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.clock import ManualClock
+from embeddings.clock import ManualClock
 from serving.domain import EVENTS, Outcome
 from serving.errors import InvalidArgument, Unavailable
 from serving.revenue.config import (

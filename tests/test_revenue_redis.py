@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from embeddings.clock import ManualClock
 from loadtest.redis_local import RedisProcess, free_port, require_binaries
-from serving.clock import ManualClock
 from serving.domain import EVENTS, Outcome
 from serving.errors import Unavailable
 from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig, make_tracker

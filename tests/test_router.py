@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
+from embeddings.clock import ManualClock
 from loadtest.offpolicy import LoggedData, estimate
-from serving.clock import ManualClock
 from serving.domain import Candidates, Outcome, RequestFeatures
 from serving.routing.controller import ControllerConfig, LambdaController
 from serving.routing.policies import (

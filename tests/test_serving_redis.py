@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from embeddings import push
+from embeddings.clock import ManualClock
 from embeddings.store import MemoryStore, RedisStoreConfig, open_store
 from loadtest import bench_serving
 from loadtest.redis_local import RedisProcess
 from serving.assets import ServingAssets, build_pipeline, store_config_from_dict
-from serving.clock import ManualClock
 from serving.domain import Candidates, Query, Recommendation
 from serving.edge.client import RecommenderClient
 from serving.edge.server import ServeConfig

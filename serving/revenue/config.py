@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from serving.clock import Clock, WallClock
+from embeddings.clock import Clock, WallClock
 
 if TYPE_CHECKING:
     from serving.revenue.tracker import RevenueTracker

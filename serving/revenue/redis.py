@@ -40,7 +40,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from serving.clock import Clock, WallClock
+from embeddings.clock import Clock, WallClock
 from serving.domain import Outcome, OutcomeReport, Path_
 from serving.errors import Unavailable
 from serving.revenue.config import RedisTrackerConfig

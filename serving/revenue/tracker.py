@@ -29,7 +29,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.clock import Clock, WallClock
+from embeddings.clock import Clock, WallClock
 from serving.domain import EVENTS, Outcome, OutcomeReport, Path_
 from serving.errors import InvalidArgument, Unavailable
 from serving.revenue.config import MemoryTrackerConfig

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.clock import Clock
+from embeddings.clock import Clock
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dlrm.schema import FeatureSchema
-from serving.clock import Clock, MonotonicClock
+from embeddings.clock import Clock, MonotonicClock
 from serving.domain import Decision, Outcome, Path_
 from serving.routing.controller import ControllerConfig, LambdaController
 from serving.routing.router import FixedRouter, RouteContext, Router

@@ -1,4 +1,5 @@
-"""Injectable time: production uses the monotonic clock, tests a manual one (no sleeps)."""
+"""Injectable time, for every layer above: production uses the monotonic clock (or the wall clock
+for state shared across processes), tests a manual one (no sleeps)."""
 
 from __future__ import annotations
 
