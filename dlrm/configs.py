@@ -1,8 +1,14 @@
-"""Command-line flags derived from config dataclasses.
+"""Config dataclasses from the command line and from config files.
 
+Flags:
 Each field becomes ``--field-name``; its help text is the docstring written under the field
 (read from the class source, as vLLM's ``EngineArgs`` does), so a flag and its documentation
 cannot drift apart. Validation stays in the dataclass (``__post_init__`` raises ValueError).
+
+Files: ``config_from_dict`` is the one typed-config parser (unknown keys are an error, naming
+them), and ``Registry`` the one lazy backend registry (Feast's pattern): a config's ``type``
+picks a backend whose class is imported only when it is built, so a server on the embedded
+defaults never imports redis.
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import inspect
 import itertools
 import textwrap
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -108,3 +116,43 @@ def from_flags(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     }
     values.update(overrides)
     return cls(**values)
+
+
+def config_from_dict(cls: type[T], raw: Mapping[str, Any], what: str) -> T:
+    """``cls(**raw)``, with a ValueError naming any key that is not a field of ``cls``."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{what}: expected an object, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(known)}")
+    return cls(**raw)
+
+
+class Registry:
+    """Backend name -> its config class and its ``"module:Class"``, imported only when built."""
+
+    def __init__(
+        self, what: str, backends: Mapping[str, tuple[type, str]], default: str | None = None
+    ) -> None:
+        self.what = what
+        self.configs = {name: config for name, (config, _) in backends.items()}
+        self.targets = {name: target for name, (_, target) in backends.items()}
+        self.default = default
+
+    def config_from_dict(self, raw: Mapping[str, Any]) -> Any:
+        """The config ``raw`` describes (a parsed config file); its ``type`` picks the backend."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{self.what} config: expected an object, got {type(raw).__name__}")
+        kind = raw.get("type", self.default)
+        if kind not in self.configs:
+            raise ValueError(f"{self.what} type {kind!r} must be one of {sorted(self.configs)}")
+        return config_from_dict(self.configs[kind], raw, f"{kind} {self.what}")
+
+    def backend_class(self, kind: str) -> type:
+        """The class registered under ``kind`` (its module is imported now)."""
+        if kind not in self.targets:
+            raise ValueError(f"unknown {self.what} type {kind!r}; known: {sorted(self.targets)}")
+        module, _, name = self.targets[kind].partition(":")
+        cls: type = getattr(importlib.import_module(module), name)
+        return cls

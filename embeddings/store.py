@@ -11,15 +11,15 @@ Redis, partitioned by key hash across nodes and read through an in-process hot-r
 A lookup never raises for a slow or dead backend: rows it cannot fetch before ``deadline``
 (or at all) are the table's default row, and ``stats`` / ``store.stats()`` count them.
 
-As in Feast's online stores, each backend has its own typed config (``type`` names it) and
-``STORES`` maps names to classes that are imported only when used. ``StoreBackedTables`` lets
+As in Feast's online stores, each backend has its own typed config (``type`` names it), and
+``embeddings.store_registry`` maps names to classes that are imported only when used
+(``open_store``). ``StoreBackedTables`` lets
 a store stand in for an ``EmbeddingBagCollection`` (e.g. ``FactoredDLRM(item_tables=...)``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -116,17 +116,6 @@ class RedisClusterStoreConfig(RemoteOptions):
 
 StoreConfig = MemoryStoreConfig | RedisStoreConfig | RedisClusterStoreConfig
 
-CONFIGS: dict[str, type[Any]] = {
-    "memory": MemoryStoreConfig,
-    "redis": RedisStoreConfig,
-    "redis-cluster": RedisClusterStoreConfig,
-}
-STORES: dict[str, str] = {
-    "memory": "embeddings.store:MemoryStore",
-    "redis": "embeddings.redis_store:RedisStore",
-    "redis-cluster": "embeddings.redis_store:RedisClusterStore",
-}
-
 
 def parse_nodes(text: str) -> list[tuple[str, int]]:
     """``"h1:p1,h2:p2"`` -> ``[(h1, p1), (h2, p2)]``; ValueError on anything else."""
@@ -137,19 +126,6 @@ def parse_nodes(text: str) -> list[tuple[str, int]]:
             raise ValueError(f"bad node {part!r} in {text!r}: expected host:port")
         nodes.append((host, int(port)))
     return nodes
-
-
-def store_class(type_: str) -> type[EmbeddingStore]:
-    """The store class registered under ``type_`` (its module is imported now)."""
-    if type_ not in STORES:
-        raise ValueError(f"unknown store type {type_!r}; known: {sorted(STORES)}")
-    module, name = STORES[type_].split(":")
-    cls: type[EmbeddingStore] = getattr(importlib.import_module(module), name)
-    return cls
-
-
-def open_store(config: StoreConfig, *, clock: Clock | None = None) -> EmbeddingStore:
-    return store_class(config.type).from_config(config, clock=clock)
 
 
 # -- the interface ------------------------------------------------------------------------------

@@ -46,9 +46,9 @@ from embeddings.store import (
     RedisStoreConfig,
     StoreBackedTables,
     artifact_tables,
-    open_store,
     side_tables,
 )
+from embeddings.store_registry import open_store
 from loadtest.redis_local import local_cluster, local_redis
 
 

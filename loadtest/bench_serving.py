@@ -62,9 +62,9 @@ from embeddings.store import (
     RedisClusterStoreConfig,
     RedisStoreConfig,
     artifact_tables,
-    open_store,
     side_tables,
 )
+from embeddings.store_registry import open_store
 from loadtest.bench_redis import RedisBenchConfig, Traffic, bench_schema, delta_stats, percentiles
 from loadtest.redis_local import local_cluster, local_redis
 from serving.assets import ServingAssets, build_pipeline

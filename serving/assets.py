@@ -8,10 +8,8 @@ Item-side embedding rows are served in process (FBGEMM tables), or from an ``Emb
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -25,14 +23,15 @@ from embeddings.clock import Clock
 from embeddings.index import log_prices
 from embeddings.precision import MLP_DTYPES, choose_mlp_precision, choose_precision
 from embeddings.quant import PRECISIONS, Precision, quant_tables, quantize_collection
-from embeddings.store import CONFIGS, EmbeddingStore, StoreBackedTables, StoreConfig
+from embeddings.store import EmbeddingStore, StoreBackedTables
 from serving.decision_log import DecisionLog
 from serving.domain import Path_
 from serving.features import FeatureResolver
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.ranking import RANK_BY, RankBy, item_values_for
 from serving.retriever import FaissRetriever
-from serving.revenue.tracker import InMemoryTracker, RevenueTracker
+from serving.revenue.memory import InMemoryTracker
+from serving.revenue.tracker import RevenueTracker
 from serving.routing.router import FixedRouter, Router
 from serving.scoring import CheapScorer, FullScorer, Scorer
 
@@ -173,30 +172,3 @@ def store_tables(store: EmbeddingStore, assets: ServingAssets) -> StoreBackedTab
                 f"serving {assets.model.version}: push this model (under its own key prefix)"
             )
     return tables
-
-
-def load_store_config(path: Path, *, model_dir: Path | None = None) -> StoreConfig:
-    """The embedding store config in JSON file ``path`` (see ``store_config_from_dict``)."""
-    raw = json.loads(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return store_config_from_dict(raw, model_dir=model_dir)
-
-
-def store_config_from_dict(raw: Mapping[str, Any], *, model_dir: Path | None = None) -> StoreConfig:
-    """An embedding store config from JSON: ``{"type": "redis", "port": 6379, "cache_rows": 10000}``
-    (the fields of ``embeddings.store``'s config for that type). A ``memory`` store without an
-    ``artifact`` serves ``model_dir``'s tables."""
-    kind = raw.get("type")
-    if kind not in CONFIGS:
-        raise ValueError(f"store type {kind!r} must be one of {sorted(CONFIGS)}")
-    cls = CONFIGS[kind]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"unknown fields {unknown} for store type {kind!r}; known: {sorted(known)}")
-    values = dict(raw)
-    if kind == "memory" and not values.get("artifact") and model_dir is not None:
-        values["artifact"] = str(model_dir)
-    config: StoreConfig = cls(**values)
-    return config

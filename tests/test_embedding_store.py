@@ -21,7 +21,6 @@ from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
 from embeddings.hot_cache import HotCacheConfig, HotRowCache
 from embeddings.redis_store import bucket_of, row_key
 from embeddings.store import (
-    STORES,
     MemoryStore,
     MemoryStoreConfig,
     RedisClusterStoreConfig,
@@ -30,8 +29,8 @@ from embeddings.store import (
     artifact_tables,
     parse_nodes,
     side_tables,
-    store_class,
 )
+from embeddings.store_registry import STORES, store_class
 
 DIM = 4
 
@@ -144,7 +143,7 @@ def test_registry_imports_lazily_and_rejects_unknown() -> None:
     assert store_class("memory") is MemoryStore
     assert store_class("redis").__name__ == "RedisStore"
     assert store_class("redis-cluster").__name__ == "RedisClusterStore"
-    assert set(STORES) == {"memory", "redis", "redis-cluster"}
+    assert set(STORES.targets) == {"memory", "redis", "redis-cluster"}
     with pytest.raises(ValueError, match="unknown store type"):
         store_class("dynamo")
 

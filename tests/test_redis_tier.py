@@ -33,8 +33,8 @@ from embeddings.store import (
     RedisStoreConfig,
     StoreBackedTables,
     artifact_tables,
-    open_store,
 )
+from embeddings.store_registry import open_store
 from loadtest import bench_redis
 from loadtest.redis_local import RedisProcess
 

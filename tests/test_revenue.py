@@ -20,14 +20,11 @@ from hypothesis import strategies as st
 from embeddings.clock import ManualClock
 from serving.domain import EVENTS, Outcome
 from serving.errors import InvalidArgument, Unavailable
-from serving.revenue.config import (
-    MemoryTrackerConfig,
-    RedisTrackerConfig,
-    make_tracker,
-    tracker_config_from_dict,
-)
-from serving.revenue.ledger import Cell
-from serving.revenue.tracker import Counters, Inference, InMemoryTracker, RevenueTracker
+from serving.revenue.backends import make_tracker, tracker_config_from_dict
+from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig
+from serving.revenue.ledger import Cell, Counters
+from serving.revenue.memory import InMemoryTracker
+from serving.revenue.tracker import Inference, RevenueTracker
 
 T0 = 1_700_000_000.0
 HALF_LIFE = 600.0
@@ -411,7 +408,8 @@ def test_make_tracker_builds_the_memory_backend_without_importing_redis(log_path
     assert isinstance(tracker, InMemoryTracker) and log_path.exists()
     tracker.close()
     code = (
-        "import sys; from serving.revenue.config import MemoryTrackerConfig, make_tracker; "
+        "import sys; from serving.revenue.backends import make_tracker; "
+        "from serving.revenue.config import MemoryTrackerConfig; "
         "make_tracker(MemoryTrackerConfig()).close(); print('redis' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

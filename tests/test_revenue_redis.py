@@ -23,9 +23,11 @@ from embeddings.clock import ManualClock
 from loadtest.redis_local import RedisProcess, free_port, require_binaries
 from serving.domain import EVENTS, Outcome
 from serving.errors import Unavailable
-from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig, make_tracker
+from serving.revenue.backends import make_tracker
+from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig
+from serving.revenue.memory import InMemoryTracker
 from serving.revenue.redis import RedisTracker
-from serving.revenue.tracker import Inference, InMemoryTracker, RevenueTracker
+from serving.revenue.tracker import Inference, RevenueTracker
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,11 @@ import pytest
 
 from embeddings import push
 from embeddings.clock import ManualClock
-from embeddings.store import MemoryStore, RedisStoreConfig, open_store
+from embeddings.store import MemoryStore, RedisStoreConfig
+from embeddings.store_registry import open_store, store_config_from_dict
 from loadtest import bench_serving
 from loadtest.redis_local import RedisProcess
-from serving.assets import ServingAssets, build_pipeline, store_config_from_dict
+from serving.assets import ServingAssets, build_pipeline
 from serving.domain import Candidates, Query, Recommendation
 from serving.edge.client import RecommenderClient
 from serving.edge.server import ServeConfig
@@ -222,7 +223,7 @@ def test_store_config_files_are_typed_and_checked(
     assert memory == store_config_from_dict({"type": "memory", "artifact": str(serving_assets.model_dir)})
     redis_cfg = store_config_from_dict({"type": "redis", "port": 7001, "cache_mb": 8})
     assert isinstance(redis_cfg, RedisStoreConfig) and redis_cfg.port == 7001 and redis_cfg.cache_mb == 8
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown redis store settings"):
         store_config_from_dict({"type": "redis", "nodes": "h:1"})
     with pytest.raises(ValueError, match="store type"):
         store_config_from_dict({"type": "dynamo"})

@@ -22,7 +22,8 @@ from pathlib import Path
 from dlrm.configs import add_flags, from_flags
 from dlrm.train import train_world
 from dlrm.world import WorldConfig
-from serving.assets import ServingAssets, load_store_config
+from embeddings.store_registry import load_store_config
+from serving.assets import ServingAssets
 from serving.edge.server import ServeConfig, start_server
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -23,14 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from embeddings.store import EmbeddingStore, open_store
-from serving.assets import ServingAssets, build_pipeline, check_scoring_choices, load_store_config
+from embeddings.store import EmbeddingStore
+from embeddings.store_registry import load_store_config, open_store
+from serving.assets import ServingAssets, build_pipeline, check_scoring_choices
 from serving.decision_log import DecisionLog
 from serving.edge.convert import MAX_OUTCOMES
 from serving.edge.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.ranking import RankBy, item_values_for
-from serving.revenue.config import make_tracker, tracker_config_from_dict
+from serving.revenue.backends import load_tracker_config, make_tracker
 from serving.routing.policies import POLICY_NAMES, make_router
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class RunningServer:
         cfg = self.config
         tracker = None
         if cfg.tracker_config is not None:
-            tracker = make_tracker(tracker_config_from_dict(json.loads(Path(cfg.tracker_config).read_text())))
+            tracker = make_tracker(load_tracker_config(Path(cfg.tracker_config)))
         if cfg.item_store_config is not None:
             store_config = load_store_config(Path(cfg.item_store_config), model_dir=assets.model.path)
             self._item_store = open_store(store_config)  # monotonic: the pipeline's clock

@@ -1,23 +1,13 @@
-"""Revenue tracker backends: one typed config per backend and a lazy registry (Feast's pattern).
-
-``make_tracker(config)`` imports only the backend it builds, so a server on the in-process
-tracker never imports redis. A config file selects the backend by ``type``::
-
-    {"type": "redis", "url": "redis://cache:6379/0", "half_life_s": 600}
-"""
+"""Revenue tracker configs: one typed config per backend (Feast's pattern); the registry that
+builds a backend from one is ``serving.revenue.backends``."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-from embeddings.clock import Clock, WallClock
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from serving.revenue.tracker import RevenueTracker
+    pass
 
 
 @dataclass(frozen=True)
@@ -109,40 +99,6 @@ class RedisTrackerConfig:
 
 
 TrackerConfig = MemoryTrackerConfig | RedisTrackerConfig
-
-CONFIGS: dict[str, type[MemoryTrackerConfig] | type[RedisTrackerConfig]] = {
-    "memory": MemoryTrackerConfig,
-    "redis": RedisTrackerConfig,
-}
-"""Backend name -> its config class."""
-
-BACKENDS: dict[str, str] = {
-    "memory": "serving.revenue.tracker:InMemoryTracker",
-    "redis": "serving.revenue.redis:RedisTracker",
-}
-"""Backend name -> ``module:class``, imported only when that backend is built."""
-
-
-def tracker_config_from_dict(values: Mapping[str, Any]) -> TrackerConfig:
-    """The config a mapping (a parsed config file) describes; ``type`` picks the backend."""
-    kind = values.get("type", "memory")
-    if kind not in CONFIGS:
-        raise ValueError(f"tracker type {kind!r} must be one of {sorted(CONFIGS)}")
-    cls = CONFIGS[kind]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {kind} tracker settings {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
-def make_tracker(config: TrackerConfig, clock: Clock | None = None) -> RevenueTracker:
-    """Build the tracker ``config`` describes. The default clock is the wall clock: tracker state
-    outlives the process (log, Redis) and is shared by replicas, so it needs a common time base."""
-    module_name, _, class_name = BACKENDS[config.type].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    tracker: RevenueTracker = cls(config, clock or WallClock())
-    return tracker
 
 
 def _check_common(half_life_s: float, request_ttl_s: float, dedupe_ttl_s: float) -> None:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
+from serving.decay import decay
 from serving.domain import Outcome, Path_
 from serving.revenue.config import MemoryTrackerConfig
 from serving.revenue.log import (
@@ -67,12 +68,6 @@ class CellStats:
 
 
 Cells = dict[tuple[str, Path_], CellStats]
-
-
-def decay(value: float, age_s: float, half_life_s: float) -> float:
-    """``value`` after ``age_s`` seconds of exponential decay; a negative age (a clock that went
-    back, or a replica's clock behind another's) does not inflate it."""
-    return value * 2.0 ** (-age_s / half_life_s) if age_s > 0 else value
 
 
 class Cell:

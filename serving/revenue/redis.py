@@ -41,21 +41,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from embeddings.clock import Clock, WallClock
+from serving.decay import decay
 from serving.domain import Outcome, OutcomeReport, Path_
 from serving.errors import Unavailable
 from serving.revenue.config import RedisTrackerConfig
-from serving.revenue.ledger import I_COMPUTE_MS, I_INFERENCES, I_IPW_INFERENCES, Cell
-from serving.revenue.log import InferenceRecord
-from serving.revenue.tracker import (
+from serving.revenue.ledger import (
     COUNTERS,
+    I_COMPUTE_MS,
+    I_INFERENCES,
+    I_IPW_INFERENCES,
+    Cell,
     Cells,
     CellStats,
     Counters,
-    Inference,
-    RevenueTracker,
-    check_outcomes,
-    decay,
 )
+from serving.revenue.log import InferenceRecord
+from serving.revenue.tracker import Inference, RevenueTracker, check_outcomes
 
 log = logging.getLogger(__name__)
 

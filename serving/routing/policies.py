@@ -34,6 +34,7 @@ import numpy as np
 
 from dlrm.schema import FeatureSchema
 from embeddings.clock import Clock, MonotonicClock
+from serving.decay import DecayingSums
 from serving.domain import Decision, Outcome, Path_
 from serving.routing.controller import ControllerConfig, LambdaController
 from serving.routing.router import FixedRouter, RouteContext, Router
@@ -163,30 +164,6 @@ class StaticTiersRouter(Router):
         return {"policy": self.name, "full_surfaces": sorted(self._full)}
 
 
-class _Decaying:
-    """Named sums that halve every ``half_life_s`` of clock time."""
-
-    def __init__(self, half_life_s: float) -> None:
-        self.half_life_s = half_life_s
-        self.values: dict[str, float] = {}
-        self._at: float | None = None
-
-    def add(self, now: float, **amounts: float) -> None:
-        self.decay_to(now)
-        for key, amount in amounts.items():
-            self.values[key] = self.values.get(key, 0.0) + amount
-
-    def decay_to(self, now: float) -> None:
-        if self._at is not None and now > self._at:
-            f = 0.5 ** ((now - self._at) / self.half_life_s)
-            for key in self.values:
-                self.values[key] *= f
-        self._at = now if self._at is None else max(self._at, now)
-
-    def get(self, key: str) -> float:
-        return self.values.get(key, 0.0)
-
-
 class ValueAwareRouter(Router):
     """See the module docstring."""
 
@@ -218,9 +195,9 @@ class ValueAwareRouter(Router):
         self._cost_keep = 0.5 ** (1.0 / config.cost_half_life)
         self._guard_alpha = 1.0 - 0.5 ** (1.0 / config.guardrail_half_life)
         self._cheap_share: dict[str, float] = {}
-        self._segments: dict[str, _Decaying] = {}
-        self._surfaces: dict[str, _Decaying] = {}
-        self._global = _Decaying(config.stats_half_life_s)
+        self._segments: dict[str, DecayingSums] = {}
+        self._surfaces: dict[str, DecayingSums] = {}
+        self._global = DecayingSums(config.stats_half_life_s)
         self._full_latency: deque[float] = deque(maxlen=256)
         # Recent requests: [surface, feature idx, values, value per ms, model fit it is from].
         self._recent: deque[list[Any]] = deque(maxlen=config.value_window)
@@ -433,14 +410,14 @@ class ValueAwareRouter(Router):
                 self._lam = max(float(np.quantile(values, 1.0 - share)), 0.0)
         return self._lam
 
-    def _segment(self, segment: str) -> _Decaying:
+    def _segment(self, segment: str) -> DecayingSums:
         if segment not in self._segments:
-            self._segments[segment] = _Decaying(self.config.stats_half_life_s)
+            self._segments[segment] = DecayingSums(self.config.stats_half_life_s)
         return self._segments[segment]
 
-    def _surface(self, surface: str) -> _Decaying:
+    def _surface(self, surface: str) -> DecayingSums:
         if surface not in self._surfaces:
-            self._surfaces[surface] = _Decaying(self.config.stats_half_life_s)
+            self._surfaces[surface] = DecayingSums(self.config.stats_half_life_s)
         return self._surfaces[surface]
 
     # -- stats --------------------------------------------------------------------------------
