@@ -104,8 +104,7 @@ def _start_server(model_dir: Path, index_dir: Path, policy: str, timeout_s: floa
     cmd = [
         sys.executable,
         "-m",
-        "loadtest.cli",
-        "serve",
+        "serving.commands.serve",  # `valuerank serve`, without the CLI's table of commands
         "--model",
         str(model_dir),
         "--index",

@@ -97,3 +97,7 @@ def _world_assets(world: WorldConfig, artifacts: Path) -> ServingAssets:
     model = train_world(world, artifacts)
     index_dir = ensure_index(world, artifacts)
     return ServingAssets.load(model.path, index_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
