@@ -59,45 +59,57 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per scalar field of dataclass ``cls`` (tuples and nested configs are skipped)."""
+def _is_config(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), _path: tuple[str, ...] = ()
+) -> None:
+    """Add one flag per scalar or tuple field of dataclass ``cls``, and of the config dataclasses
+    nested in it, flattened: ``ServeConfig.router.value_aware.epsilon`` is ``--epsilon``. A name
+    that an earlier flag took is prefixed with its parents (``--static-tiers-min-full-deadline-ms``).
+    Fields named in ``skip``, at any depth, get no flag; unions of configs are left to the caller."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
+        path = (*_path, f.name)
+        if _is_config(hints[f.name]):
+            add_flags(parser, hints[f.name], skip=skip, _path=path)
+            continue
+        if any(_is_config(arg) for arg in typing.get_args(hints[f.name])):
+            continue  # one of several configs (a backend's): the caller reads it from a file
         kind = _scalar_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = docs.get(f.name, "")
+        options: dict[str, Any]
         if typing.get_origin(kind) is tuple:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                type=_int_tuple,
+            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            options = dict(
+                type=_int_tuple if item is int else _str_tuple,
                 default=default,
                 help=f"{help_text} (comma-separated; default: {','.join(map(str, default or ()))})",
             )
         elif kind is bool:
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
+            options = dict(action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif kind in (int, float, str):
             choices = None
             if typing.get_origin(hints[f.name]) is typing.Literal:
                 choices = list(typing.get_args(hints[f.name]))
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                type=kind,
-                default=default,
-                choices=choices,
-                help=f"{help_text} (default: {default})",
+            options = dict(
+                type=kind, default=default, choices=choices, help=f"{help_text} (default: {default})"
             )
+        else:
+            continue
+        dest = ".".join(path)
+        if "action" not in options:
+            options["metavar"] = f.name.upper()
+        try:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=dest, **options)
+        except argparse.ArgumentError:  # the name is taken: say whose field this one is
+            parser.add_argument("--" + "-".join(path).replace("_", "-"), dest=dest, **options)
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -107,13 +119,25 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
-def from_flags(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
-    """Build ``cls`` from parsed flags; ``overrides`` win over flags."""
-    values = {
-        f.name: getattr(ns, f.name)
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if hasattr(ns, f.name) and getattr(ns, f.name) is not None
-    }
+def _str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def from_flags(cls: type[T], ns: argparse.Namespace, _path: tuple[str, ...] = (), **overrides: Any) -> T:
+    """Build ``cls`` from flags parsed after ``add_flags(parser, cls)``; ``overrides`` (top-level
+    fields) win over flags. A nested config is its default with the flags given for it applied."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in overrides or not f.init:
+            continue
+        path = (*_path, f.name)
+        if _is_config(hints[f.name]):
+            values[f.name] = from_flags(hints[f.name], ns, path)
+            continue
+        value = getattr(ns, ".".join(path), None)
+        if value is not None:
+            values[f.name] = value
     values.update(overrides)
     return cls(**values)
 

@@ -67,7 +67,9 @@ from embeddings.store import (
 from embeddings.store_registry import open_store
 from loadtest.bench_redis import RedisBenchConfig, Traffic, bench_schema, delta_stats, percentiles
 from loadtest.redis_local import local_cluster, local_redis
-from serving.assets import ServingAssets, build_pipeline
+from serving.assembly import build_pipeline
+from serving.assets import ServingAssets
+from serving.config import ScoringConfig, ServeConfig
 from serving.domain import Candidates, Query, RequestFeatures
 from serving.errors import DeadlineExceeded
 from serving.pipeline import Pipeline, PipelineConfig
@@ -187,16 +189,12 @@ def run(cfg: ServingBenchConfig) -> dict[str, Any]:
             push_tables(store_cfg, weights, version=VERSION, buckets=cfg.buckets, encoding="fp32")
             out["push_seconds"][name] = time.perf_counter() - started
             stores[name] = stack.enter_context(open_store(store_cfg))
-        pipelines = {"in_process": build_pipeline(assets, config=_pipeline_config(cfg), precision="fp32")}
+        pipelines = {"in_process": build_pipeline(assets, _serve_config(cfg))}
         for name, store in stores.items():
-            pipelines[name] = build_pipeline(
-                assets, config=_pipeline_config(cfg), precision="fp32", item_store=store
-            )
+            pipelines[name] = build_pipeline(assets, _serve_config(cfg), item_store=store)
         if cfg.late_lookup_arm:
             stores["redis_late_lookup"] = stack.enter_context(open_store(remote["redis"]))
-            late = build_pipeline(
-                assets, config=_pipeline_config(cfg), precision="fp32", item_store=stores["redis_late_lookup"]
-            )
+            late = build_pipeline(assets, _serve_config(cfg), item_store=stores["redis_late_lookup"])
             late.scorers["full"] = NoPrefetch(late.scorers["full"])
             pipelines["redis_late_lookup"] = late
         for pipeline in pipelines.values():
@@ -213,8 +211,12 @@ def run(cfg: ServingBenchConfig) -> dict[str, Any]:
     return out
 
 
-def _pipeline_config(cfg: ServingBenchConfig) -> PipelineConfig:
-    return PipelineConfig(default_candidates=cfg.candidates)
+def _serve_config(cfg: ServingBenchConfig) -> ServeConfig:
+    """fp32 tables and MLP on every arm: the store is what differs, not the precision."""
+    return ServeConfig(
+        pipeline=PipelineConfig(default_candidates=cfg.candidates),
+        scoring=ScoringConfig(precision="fp32", mlp_precision="fp32"),
+    )
 
 
 # -- measuring ------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 
 from dlrm.schema import FeatureSchema
 from dlrm.world import Requests, World
-from serving.assets import ServingAssets, full_scorer
+from serving.assembly import full_scorer
+from serving.assets import ServingAssets
 from serving.domain import Candidates, Path_, Query, RequestFeatures
 from serving.features import FeatureResolver
 from serving.ranking import RankBy, item_values_for, ranking_keys, top_k

@@ -30,9 +30,9 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -52,10 +52,9 @@ from loadtest.policy_sim import (
     summarise,
     table_mask,
 )
-from serving.assets import check_scoring_choices
-from serving.ranking import RankBy
-from serving.routing.controller import ControllerConfig
-from serving.routing.policies import StaticTiersConfig, ValueAwareConfig, make_router
+from serving.config import ScoringConfig
+from serving.routing.config import RouterConfig, ValueAwareConfig
+from serving.routing.policies import make_router
 from serving.routing.router import Router
 
 DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -73,17 +72,9 @@ class ReplayConfig:
     """Seed of the realised outcomes and of the routers' exploration."""
     window_requests: int = 200
     """Controller window, in requests at the day's mean rate (0: use --window-s as given)."""
-    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
-    """The full path's table precision, as ``serve --precision`` (auto: the model's measured choice)."""
-    mlp_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """The full path's per-candidate MLP, as ``serve --mlp-precision`` (auto: bf16 where it
-    measured faster and harmless)."""
-    rank_by: RankBy = "value"
-    """How both paths order their slates (``serving.ranking``): value = P(click) x price, as the
-    server does by default; click = P(click)."""
-    retrieval_value_weight: float = 1.0
-    """Weight of log price in the retrieval score, as ``serve --retrieval-value-weight`` (1: by
-    expected value, 0: by click)."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    """The scoring paths and slate order, as ``serve`` runs them (precision auto: the model's
+    measured choice, measured now when the model folder has none)."""
     warmup_requests: int = 0
     """Requests of a previous day (drawn from the world with another seed) that learning policies
     run over before the replayed day, which alone is measured; 0: they start cold."""
@@ -97,7 +88,6 @@ class ReplayConfig:
             raise ValueError(f"{self.batch=} must be >= 1")
         if self.window_requests < 0:
             raise ValueError(f"{self.window_requests=} must be >= 0")
-        check_scoring_choices(self.precision, self.mlp_precision, self.rank_by, self.retrieval_value_weight)
         if self.warmup_requests < 0:
             raise ValueError(f"{self.warmup_requests=} must be >= 0")
 
@@ -116,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_flags(parser, ReplayConfig)
     add_flags(parser, LoadModel)
-    add_flags(parser, ValueAwareConfig)
-    add_flags(parser, ControllerConfig, skip=("budget_share",))
+    add_flags(parser, RouterConfig, skip=("policy", "seed", "budget_share", "static_tiers"))
     args = parser.parse_args(argv)
     try:
         if args.log is not None:
@@ -139,9 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.json or sys.stderr.isatty()
     world_config = WorldConfig.load(args.world)
     log, warmup = build_scored_logs(world_config, args.artifacts, args.index, config, progress=progress)
-    controller = from_flags(ControllerConfig, args)
-    value_aware = from_flags(ValueAwareConfig, args, controller=controller)
-    result = replay(log, load, value_aware, config, args.budgets, StaticTiersConfig(), warmup)
+    router = from_flags(RouterConfig, args, policy="value_aware", seed=config.seed)
+    result = replay(log, load, router, config, args.budgets, warmup)
     result["world"] = {"key": world_config.key(), "file": str(args.world) if args.world else "bundled"}
     if args.plot is not None:
         from loadtest.plot import plot_curves
@@ -187,10 +175,10 @@ def build_scored_logs(
     score = dict(
         candidates=config.candidates,
         batch=config.batch,
-        rank_by=config.rank_by,
-        retrieval_value_weight=config.retrieval_value_weight,
-        precision=config.precision,
-        mlp_precision=config.mlp_precision,
+        rank_by=config.scoring.rank_by,
+        retrieval_value_weight=config.scoring.retrieval_value_weight,
+        precision=config.scoring.precision,
+        mlp_precision=config.scoring.mlp_precision,
         progress=progress,
     )
     log = score_log(world, assets, requests, seed=config.seed, **score)  # type: ignore[arg-type]
@@ -206,13 +194,15 @@ def build_scored_logs(
 def replay(
     log: ScoredLog,
     load: LoadModel,
-    value_aware: ValueAwareConfig,
+    router: RouterConfig,
     config: ReplayConfig,
     budgets: tuple[float, ...],
-    static: StaticTiersConfig,
     warmup: ScoredLog | None = None,
 ) -> dict[str, Any]:
-    """Run every policy over ``log``; the result's ``policies`` maps names to their summaries."""
+    """Run every policy over ``log``; the result's ``policies`` maps names to their summaries.
+    ``router``: the value-aware router's settings (its budget is each of ``budgets`` in turn) and
+    the configured per-surface table."""
+    value_aware, static = router.value_aware, router.static_tiers
     times = arrival_times(log, load)
     warm = None if warmup is None else (warmup, arrival_times(warmup, load))
     if config.window_requests and len(log) > 1:
@@ -233,12 +223,12 @@ def replay(
         runs[f"oracle_segment@{b:g}"] = run_mask(
             log, f"oracle_segment@{b:g}", segment_oracle_mask(log, b), times, load
         )
-        make = _value_aware_factory(log, value_aware, b, config.seed)
+        make = _value_aware_factory(log, router, value_aware, b)
         runs[f"value_aware@{b:g}"] = run_router(log, f"value_aware@{b:g}", make, times, load, warm)
     if warm is not None and budgets:
         # The same router from a cold start on the replayed day, for the record.
         b = min(budgets, key=lambda x: abs(x - 0.5))
-        make = _value_aware_factory(log, value_aware, b, config.seed)
+        make = _value_aware_factory(log, router, value_aware, b)
         runs[f"value_aware_cold@{b:g}"] = run_router(log, f"value_aware_cold@{b:g}", make, times, load)
     policies = {name: summarise(log, r, load) for name, r in runs.items()}
     for name, r in runs.items():
@@ -287,12 +277,15 @@ def replay(
 
 
 def _value_aware_factory(
-    log: ScoredLog, config: ValueAwareConfig, budget: float, seed: int
+    log: ScoredLog, router: RouterConfig, value_aware: ValueAwareConfig, budget: float
 ) -> Callable[[ManualClock], Router]:
-    cfg = dataclasses.replace(config, controller=dataclasses.replace(config.controller, budget_share=budget))
+    controller = dataclasses.replace(value_aware.controller, budget_share=budget)
+    cfg = dataclasses.replace(
+        router, policy="value_aware", value_aware=dataclasses.replace(value_aware, controller=controller)
+    )
 
     def make(clock: ManualClock) -> Router:
-        return make_router("value_aware", cfg, clock, seed, schema=log.schema, item_values=log.item_values)
+        return make_router(cfg, clock, schema=log.schema, item_values=log.item_values)
 
     return make
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +76,13 @@ class Pipeline:
         clock: Clock | None = None,
         decision_log: DecisionLog | None = None,
         item_values: np.ndarray | None = None,
+        on_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         """``item_values``: what a click on each item id earns, relatively (the catalog's
         prices); the slate is the top k by ``P(click) x value`` (``serving.ranking``), or by
-        ``P(click)`` when None."""
+        ``P(click)`` when None. ``on_close``: releases what the pipeline owns besides its parts
+        (an item store it was built with), called after the scorers have stopped."""
+        self._on_close = list(on_close)
         self.resolver = resolver
         self.item_values = item_values
         self.retriever = retriever
@@ -115,6 +119,8 @@ class Pipeline:
         if self.decision_log is not None:
             self.decision_log.close()
         await asyncio.get_running_loop().run_in_executor(None, self.tracker.close)
+        for release in self._on_close:
+            release()
 
     # -- Recommend ----------------------------------------------------------------------------
 

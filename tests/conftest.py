@@ -24,7 +24,9 @@ from dlrm.train_config import TrainConfig
 from dlrm.world import World, WorldConfig
 from embeddings.catalog import world_catalog
 from serving.assets import INDEX_FILE, INDEX_MANIFEST, ServingAssets
-from serving.edge.server import RunningServer, ServeConfig, Source, start_server
+from serving.config import ServeConfig
+from serving.edge.server import RunningServer, Source, start_server
+from serving.pipeline import PipelineConfig
 
 # Real redis-server / Redis Cluster fixtures (tests/redis_fixtures.py).
 pytest_plugins = ["redis_fixtures"]
@@ -158,7 +160,10 @@ def start_grpc_server() -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture(scope="session")
 def grpc_server(serving_assets: ServingFolder) -> Iterator[str]:
     """Target ``127.0.0.1:PORT`` of a SERVING server (policy always_full, 200 candidates)."""
-    thread = ServerThread(serving_assets.load(), ServeConfig(port=0, grace_s=1.0, default_candidates=200))
+    thread = ServerThread(
+        serving_assets.load(),
+        ServeConfig(port=0, grace_s=1.0, pipeline=PipelineConfig(default_candidates=200)),
+    )
     try:
         yield thread.start().wait_serving().target
     finally:

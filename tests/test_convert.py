@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protos.valuerank.v1 import recommender_pb2 as pb
+from serving.config import ServeConfig
 from serving.domain import MAX_CANDIDATES, MAX_K, Decision, Outcome, Recommendation, ScoreResult, Timings
 from serving.edge import convert
-from serving.edge.server import ServeConfig
 from serving.errors import InvalidArgument
+from serving.pipeline import PipelineConfig
+from serving.routing.config import RouterConfig
 
 SURFACE = "video_effects"
 
@@ -224,16 +227,16 @@ def test_routing_stats_response_reads_value_aware_router_figures() -> None:
 
 
 @pytest.mark.parametrize(
-    "changes",
+    ("field", "build"),
     [
-        {"port": -1},
-        {"port": 70000},
-        {"grace_s": -1.0},
-        {"policy": "nope"},
-        {"max_batch_size": 0},
-        {"max_outcomes": 0},
+        ("port", lambda: ServeConfig(port=-1)),
+        ("port", lambda: ServeConfig(port=70000)),
+        ("grace_s", lambda: ServeConfig(grace_s=-1.0)),
+        ("policy", lambda: ServeConfig(router=RouterConfig(policy="nope"))),
+        ("max_batch_size", lambda: ServeConfig(pipeline=PipelineConfig(max_batch_size=0))),
+        ("max_outcomes", lambda: ServeConfig(max_outcomes=0)),
     ],
 )
-def test_serve_config_rejects_bad_values(changes: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=next(iter(changes))):
-        ServeConfig(**changes)  # type: ignore[arg-type]
+def test_serve_config_rejects_bad_values(field: str, build: Callable[[], ServeConfig]) -> None:
+    with pytest.raises(ValueError, match=field):
+        build()

@@ -23,11 +23,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
-from serving.assets import build_pipeline
+from serving.assembly import build_pipeline
 from serving.commands import recommend, routing_stats, serve
-from serving.edge.server import ServeConfig
-from serving.pipeline import Pipeline
+from serving.config import ScoringConfig, ServeConfig
+from serving.pipeline import Pipeline, PipelineConfig
 from serving.retriever import FaissRetriever
+from serving.routing.config import RouterConfig
 
 if TYPE_CHECKING:
     from conftest import ServerThread, ServingFolder
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 SERVICE = "valuerank.v1.Recommender"
+FP32 = ServeConfig(scoring=ScoringConfig(precision="fp32", mlp_precision="fp32"))
+"""The in-process pipelines' config: fp32 whatever the model folder measured."""
 SURFACE = "ecommerce_recommendation"
 READY_S = 60.0
 
@@ -273,7 +276,7 @@ def test_lifecycle_not_serving_while_loading_then_serving_then_draining(
     def slow_loader() -> Pipeline:
         if not release.wait(READY_S):
             raise TimeoutError("the test never released the loader")
-        return build_pipeline(assets, clock=StepClock(3.0))
+        return build_pipeline(assets, FP32, clock=StepClock(3.0))
 
     try:
         server = start_grpc_server(slow_loader, ServeConfig(port=0, grace_s=10.0))
@@ -315,7 +318,7 @@ def test_unexpected_error_is_internal_and_server_keeps_serving(
     assets = serving_assets.load()
 
     def loader() -> Pipeline:
-        pipeline = build_pipeline(assets)
+        pipeline = build_pipeline(assets, FP32)
         pipeline.retriever = FailingRetriever(assets.index)
         return pipeline
 
@@ -346,7 +349,12 @@ def test_failed_load_keeps_health_not_serving(start_grpc_server: StartServer) ->
 def test_value_aware_policy_serves_and_reports_routing_stats(
     serving_assets: ServingFolder, start_grpc_server: StartServer
 ) -> None:
-    config = ServeConfig(port=0, grace_s=1.0, policy="value_aware", default_candidates=100)
+    config = ServeConfig(
+        port=0,
+        grace_s=1.0,
+        router=RouterConfig(policy="value_aware"),
+        pipeline=PipelineConfig(default_candidates=100),
+    )
     server = start_grpc_server(serving_assets.load(), config).wait_serving()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
@@ -363,7 +371,11 @@ def test_decision_log_records_decisions_and_outcomes_for_off_policy_replay(
 ) -> None:
     log_path = tmp_path / "decisions.jsonl"
     config = ServeConfig(
-        port=0, grace_s=1.0, policy="value_aware", default_candidates=100, decision_log=str(log_path)
+        port=0,
+        grace_s=1.0,
+        router=RouterConfig(policy="value_aware"),
+        pipeline=PipelineConfig(default_candidates=100),
+        decision_log=str(log_path),
     )
     server = start_grpc_server(serving_assets.load(), config).wait_serving()
     with grpc.insecure_channel(server.target) as channel:
@@ -456,6 +468,42 @@ def test_serve_command_serves_until_sigterm(
     assert code == 0
     assert seen == [5]
     assert f"serving on {target}" in capsys.readouterr().out
+
+
+def test_serve_command_routes_to_the_budget_its_flags_set(
+    serving_assets: ServingFolder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    stats: list[dict[str, Any]] = []
+
+    def client() -> None:
+        with grpc.insecure_channel(target) as channel:
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=READY_S, wait_for_ready=True)
+            if any(r.status == health_pb2.HealthCheckResponse.SERVING for r in watch):
+                watch.cancel()
+                stub = pb_grpc.RecommenderStub(channel)
+                for i in range(40):
+                    stub.Recommend(_rec(user_id=i, request_id=f"budget-{i}"), timeout=10)
+                reply = stub.GetRoutingStats(pb.GetRoutingStatsRequest(), timeout=10)
+                stats.append(json.loads(reply.json))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=client)
+    driver.start()
+    argv = ["--model", str(serving_assets.model_dir), "--index", str(serving_assets.index_dir)]
+    argv += ["--policy", "value_aware", "--budget-share", "0.3", "--epsilon", "0.2"]
+    code = serve.main([*argv, "--port", str(port), "--grace-s", "1", "--log-level", "WARNING"])
+    driver.join(READY_S)
+    assert code == 0 and len(stats) == 1
+    router = stats[0]["router"]
+    assert router["policy"] == "value_aware" and router["budget_share"] == 0.3
+    # The full share that spends 30% of always-full's compute, at the measured costs: below 0.3
+    # (the cheap path costs something too), far below the default budget's (0.5).
+    assert 0.0 < router["controller"]["feed_forward"] <= 0.3
 
 
 def test_serve_command_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,9 +30,10 @@ from embeddings.precision import (
 )
 from embeddings.quant import PRECISIONS, quant_tables, quantize_collection, table_bytes
 from loadtest import cli
-from serving.assets import ServingAssets, build_pipeline, full_scorer
+from serving.assembly import build_pipeline, full_scorer
+from serving.assets import ServingAssets
+from serving.config import ScoringConfig, ServeConfig
 from serving.domain import Candidates, Query
-from serving.edge.server import ServeConfig
 from serving.features import FeatureResolver
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def test_build_pipeline_serves_the_chosen_precision(
     assets = ServingAssets(artifact_copy, loaded.catalog, loaded.index, loaded.index_manifest)
     (artifact_copy.path / PRECISION_FILE).write_text(json.dumps({"chosen": "fp16"}))
     for precision, data_type in (("auto", DataType.FP16), ("int8", DataType.INT8), ("fp32", DataType.FP32)):
-        pipeline = build_pipeline(assets, precision=precision)
+        pipeline = build_pipeline(assets, ServeConfig(scoring=ScoringConfig(precision=precision)))
         try:
             full = pipeline.scorers["full"].model.factored  # type: ignore[attr-defined]
             for tables in (full.request_tables, full.item_tables):
@@ -212,9 +213,9 @@ def test_build_pipeline_serves_the_chosen_precision(
         finally:
             asyncio.run(pipeline.close())
     with pytest.raises(ValueError, match="precision"):
-        build_pipeline(assets, precision="int4")
+        build_pipeline(assets, ServeConfig(scoring=ScoringConfig(precision="int4")))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="precision"):
-        ServeConfig(precision="int4")  # type: ignore[arg-type]
+        ScoringConfig(precision="int4")  # type: ignore[arg-type]
 
 
 def test_mlp_precision_is_bf16_only_natively_and_within_the_auc_limit() -> None:
@@ -258,4 +259,4 @@ def test_full_scorer_runs_the_mlp_in_the_asked_precision(
     with pytest.raises(ValueError, match="mlp_precision"):
         full_scorer(assets, mlp_precision="fp8")
     with pytest.raises(ValueError, match="mlp_precision"):
-        ServeConfig(mlp_precision="fp8")  # type: ignore[arg-type]
+        ScoringConfig(mlp_precision="fp8")  # type: ignore[arg-type]

@@ -11,14 +11,9 @@ from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
 from embeddings.clock import ManualClock
 from loadtest.offpolicy import LoggedData, estimate
 from serving.domain import Candidates, Outcome, RequestFeatures
+from serving.routing.config import POLICY_NAMES, RouterConfig, StaticTiersConfig, ValueAwareConfig
 from serving.routing.controller import ControllerConfig, LambdaController
-from serving.routing.policies import (
-    POLICY_NAMES,
-    StaticTiersConfig,
-    ValueAwareConfig,
-    ValueAwareRouter,
-    make_router,
-)
+from serving.routing.policies import ValueAwareRouter, make_router
 from serving.routing.router import FixedRouter, RouteContext
 from serving.routing.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
 
@@ -67,22 +62,24 @@ def test_fixed_and_static_policies_send_a_request_with_no_time_left_to_cheap() -
     rng = np.random.default_rng(0)
     for router in (
         FixedRouter("full"),
-        make_router("static_tiers", StaticTiersConfig(full_surfaces=("shop",))),
+        make_router(RouterConfig("static_tiers", static_tiers=StaticTiersConfig(full_surfaces=("shop",)))),
     ):
         assert router.decide(_ctx(1, 0, 0, rng)).path == "full"
         late = router.decide(_ctx(2, 0, 0, rng, deadline=0.001))
         assert late.path == "cheap" and "deadline" in late.reason
-    static = make_router("static_tiers", StaticTiersConfig(full_surfaces=("shop",)))
+    static = make_router(
+        RouterConfig("static_tiers", static_tiers=StaticTiersConfig(full_surfaces=("shop",)))
+    )
     assert static.decide(_ctx(3, 1, 0, rng)).path == "cheap"
 
 
 def test_make_router_knows_every_policy_and_rejects_others() -> None:
     for name in POLICY_NAMES:
-        assert make_router(name, schema=SCHEMA).name == name
-    with pytest.raises(ValueError, match="unknown routing policy"):
-        make_router("bandit")
+        assert make_router(RouterConfig(name), schema=SCHEMA).name == name
+    with pytest.raises(ValueError, match="policy"):
+        RouterConfig("bandit")
     with pytest.raises(ValueError, match="schema"):
-        make_router("value_aware")
+        make_router(RouterConfig("value_aware"))
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,14 @@ import pytest
 from embeddings import push
 from embeddings.clock import ManualClock
 from embeddings.store import MemoryStore, RedisStoreConfig
-from embeddings.store_registry import open_store, store_config_from_dict
+from embeddings.store_registry import load_store_config, open_store, store_config_from_dict
 from loadtest import bench_serving
 from loadtest.redis_local import RedisProcess
-from serving.assets import ServingAssets, build_pipeline
+from serving.assembly import build_pipeline
+from serving.assets import ServingAssets
+from serving.config import ScoringConfig, ServeConfig
 from serving.domain import Candidates, Query, Recommendation
 from serving.edge.client import RecommenderClient
-from serving.edge.server import ServeConfig
 from serving.pipeline import Pipeline, PipelineConfig
 
 if TYPE_CHECKING:
@@ -38,6 +39,11 @@ pytestmark = pytest.mark.integration
 
 CANDIDATES = 200
 ITEM_FEATURES = 3  # item_id, item_category, item_price_bucket in the world schema
+
+
+def _fp32(**fields: Any) -> ServeConfig:
+    """A config with fp32 tables and MLP, whatever the model folder measured."""
+    return ServeConfig(scoring=ScoringConfig(precision="fp32", mlp_precision="fp32"), **fields)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def _queries(n: int, surfaces: list[str], deadline: float | None = None) -> list
 
 
 def _in_process(assets: ServingAssets) -> Pipeline:
-    return build_pipeline(assets, precision="fp32", config=PipelineConfig(default_candidates=CANDIDATES))
+    return build_pipeline(assets, _fp32(pipeline=PipelineConfig(default_candidates=CANDIDATES)))
 
 
 def test_grpc_server_with_redis_tier_ranks_like_in_process_and_reports_store_counters(
@@ -83,13 +89,11 @@ def test_grpc_server_with_redis_tier_ranks_like_in_process_and_reports_store_cou
     config_file.write_text(
         json.dumps({"type": "redis", "port": redis_node.port, "key_prefix": "serve1", "cache_rows": 300})
     )
-    serve = ServeConfig(
+    serve = _fp32(  # equal to the in-process pipeline's scores, bit for bit
         port=0,
         grace_s=1.0,
-        precision="fp32",
-        mlp_precision="fp32",  # equal to the in-process pipeline's scores, bit for bit
-        default_candidates=CANDIDATES,
-        item_store_config=str(config_file),
+        pipeline=PipelineConfig(default_candidates=CANDIDATES),
+        item_store=load_store_config(config_file),
     )
     server = start_grpc_server(assets, serve).wait_serving()
     queries = _queries(12, assets.catalog.surfaces)
@@ -129,7 +133,7 @@ def test_request_deadline_reaches_the_store_and_a_late_lookup_serves_default_row
     store = open_store(
         RedisStoreConfig(port=redis_node.port, key_prefix="deadline1", cache_rows=300), clock=clock
     )
-    remote = build_pipeline(assets, precision="fp32", clock=clock, item_store=store)
+    remote = build_pipeline(assets, _fp32(), clock=clock, item_store=store)
     local = _in_process(assets)
     try:
         surface = assets.catalog.surfaces[0]
@@ -172,7 +176,7 @@ def test_killed_redis_under_traffic_keeps_every_recommend_succeeding_degraded_an
     )
     store = open_store(config)
     pipeline = build_pipeline(
-        assets, precision="fp32", item_store=store, config=PipelineConfig(default_candidates=CANDIDATES)
+        assets, _fp32(pipeline=PipelineConfig(default_candidates=CANDIDATES)), item_store=store
     )
     surfaces = assets.catalog.surfaces
     done: list[int] = []
@@ -232,7 +236,7 @@ def test_store_config_files_are_typed_and_checked(
     # The memory store goes through the same StoreBackedTables path and ranks like FBGEMM fp32.
     store = open_store(memory)
     assert isinstance(store, MemoryStore)
-    remote = build_pipeline(assets, precision="fp32", item_store=store)
+    remote = build_pipeline(assets, _fp32(), item_store=store)
     local = _in_process(assets)
     try:
         features = local.resolver.resolve(Query("m", 1, assets.catalog.surfaces[1], {}, {}))

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dlrm.configs import add_flags, from_flags
 from dlrm.train import train_world
 from dlrm.world import WorldConfig
 from embeddings.store_registry import load_store_config
 from serving.assets import ServingAssets
-from serving.edge.server import ServeConfig, start_server
+from serving.config import ServeConfig
+from serving.edge.server import start_server
+from serving.revenue.backends import load_tracker_config
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--world", type=Path, default=None, help="world config file (default: bundled)")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument(
+        "--tracker-config", type=Path, default=None, help="revenue tracker config file (JSON)"
+    )
+    parser.add_argument(
+        "--item-store-config", type=Path, default=None, help="item-side embedding store config file (JSON)"
+    )
     add_flags(parser, ServeConfig)
     args = parser.parse_args(argv)
     if (args.model is None) != (args.index is None):
         parser.error("--model and --index go together (or give neither, to use --artifacts)")
     try:
-        config = from_flags(ServeConfig, args)
+        files: dict[str, Any] = {}  # a bad file fails now, not once the model has loaded
+        if args.tracker_config is not None:
+            files["tracker"] = load_tracker_config(args.tracker_config)
+        if args.item_store_config is not None:
+            files["item_store"] = load_store_config(args.item_store_config)
+        config = from_flags(ServeConfig, args, **files)
         world = None if args.model is not None else WorldConfig.load(args.world)
-        if config.item_store_config is not None:
-            load_store_config(Path(config.item_store_config))  # a bad file fails now, not at load
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 2
     # The root logger may have a handler already (torch installs one): then only our level is set.

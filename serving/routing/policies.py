@@ -1,6 +1,6 @@
 """Routing policies beyond a fixed path: a static per-surface table and value-aware routing.
 
-``make_router(name, config, clock, rng_seed)`` builds any of ``POLICY_NAMES``.
+``make_router(config, clock)`` builds the policy a ``serving.routing.config.RouterConfig`` names.
 
 Value-aware routing (after DCAF, Alibaba 2020): request i goes to the full path iff
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,111 +35,30 @@ from dlrm.schema import FeatureSchema
 from embeddings.clock import Clock, MonotonicClock
 from serving.decay import DecayingSums
 from serving.domain import Decision, Outcome, Path_
-from serving.routing.controller import ControllerConfig, LambdaController
+from serving.routing.config import RouterConfig, StaticTiersConfig, ValueAwareConfig
+from serving.routing.controller import LambdaController
 from serving.routing.router import FixedRouter, RouteContext, Router
-from serving.routing.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
-
-POLICY_NAMES = ("always_full", "always_cheap", "static_tiers", "value_aware")
-
-
-@dataclass(frozen=True)
-class StaticTiersConfig:
-    full_surfaces: tuple[str, ...] = ("ecommerce_recommendation", "local_services_dispatch", "video_effects")
-    """Surfaces whose requests get the full path; all others get the cheap one."""
-    min_full_deadline_ms: float = 5.0
-    """A request with less time than this left goes cheap."""
-
-    def __post_init__(self) -> None:
-        if self.min_full_deadline_ms < 0:
-            raise ValueError(f"{self.min_full_deadline_ms=} must be >= 0")
-        if len(set(self.full_surfaces)) != len(self.full_surfaces):
-            raise ValueError(f"{self.full_surfaces=} has duplicates")
-
-
-@dataclass(frozen=True)
-class ValueAwareConfig:
-    epsilon: float = 0.05
-    """Exploration share: requests whose path a fair coin picks (propensities are logged)."""
-    max_cheap_share: float = 0.9
-    """Guardrail: most of a segment's recent requests that may take the cheap path."""
-    guardrail_half_life: float = 200.0
-    """Decisions of a segment over which its cheap share is measured (half-life)."""
-    min_full_deadline_ms: float = 5.0
-    """A request with less time than this left goes cheap (raised to the full path's recent p90)."""
-    l2: float = 30.0
-    """Ridge penalty of the value model (in weighted labels: a cell needs ~l2 labels to count)."""
-    label_half_life: float = 20_000.0
-    """Labels over which the value model forgets (half-life)."""
-    refit_every: int = 200
-    """Labels between refits of the value model (fewer while it is young)."""
-    cold_start_labels: int = 100
-    """Until the value model has this many labels, a coin weighted by the budget's full share
-    picks the path (propensities logged)."""
-    scale_prior: float = 20.0
-    """Pseudo-requests that pull a surface's dollars per model unit toward the global figure."""
-    cost_half_life: float = 500.0
-    """Requests over which each path's measured cost is averaged (half-life)."""
-    stats_half_life_s: float = 3600.0
-    """Clock seconds over which per-segment revenue statistics decay (half-life)."""
-    feed_forward: bool = True
-    """Give the controller the full share that spends the budget share at the measured costs
-    (else it starts from everyone-full and finds the share by feedback alone)."""
-    value_window: int = 1000
-    """Recent value estimates whose quantile turns the controller's share into lambda."""
-    importance_weighting: bool = True
-    """Weight value-model labels by 1 / P(full path), so the model fits all traffic, not only
-    the requests the router already sent to the full path."""
-    outcome_memory: int = 100_000
-    """Recent requests (and outcome keys) remembered to attribute reported outcomes."""
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
-    """The lambda controller's budget, latency target and gains."""
-    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
-    """Which routing-time features the value model reads."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"{self.epsilon=} must be in [0, 1]")
-        if not 0.0 < self.max_cheap_share <= 1.0:
-            raise ValueError(f"{self.max_cheap_share=} must be in (0, 1]")
-        for name in ("guardrail_half_life", "label_half_life", "cost_half_life", "stats_half_life_s", "l2"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.min_full_deadline_ms < 0:
-            raise ValueError(f"{self.min_full_deadline_ms=} must be >= 0")
-        if self.refit_every < 1:
-            raise ValueError(f"{self.refit_every=} must be >= 1")
-        if self.cold_start_labels < 0:
-            raise ValueError(f"{self.cold_start_labels=} must be >= 0")
-        if self.scale_prior < 0:
-            raise ValueError(f"{self.scale_prior=} must be >= 0")
-        if self.outcome_memory < 1:
-            raise ValueError(f"{self.outcome_memory=} must be >= 1")
-        if self.value_window < 10:
-            raise ValueError(f"{self.value_window=} must be >= 10")
+from serving.routing.uplift import OnlineRidge, RouteFeaturizer, slate_values
 
 
 def make_router(
-    name: str,
-    config: Any = None,
+    config: RouterConfig,
     clock: Clock | None = None,
-    rng_seed: int = 0,
     *,
     schema: FeatureSchema | None = None,
     item_values: np.ndarray | None = None,
 ) -> Router:
-    """Build policy ``name``; ``value_aware`` needs the feature ``schema`` (and item values, e.g.
+    """Build ``config.policy``; ``value_aware`` needs the feature ``schema`` (and item values, e.g.
     prices; without them every item is worth 1 and the value model ranks by clicks)."""
-    if name == "always_full":
+    if config.policy == "always_full":
         return FixedRouter("full")
-    if name == "always_cheap":
+    if config.policy == "always_cheap":
         return FixedRouter("cheap")
-    if name == "static_tiers":
-        return StaticTiersRouter(config or StaticTiersConfig())
-    if name == "value_aware":
-        if schema is None:
-            raise ValueError("value_aware routing needs the feature schema")
-        return ValueAwareRouter(config or ValueAwareConfig(), schema, item_values, clock, rng_seed)
-    raise ValueError(f"unknown routing policy {name!r}; known: {POLICY_NAMES}")
+    if config.policy == "static_tiers":
+        return StaticTiersRouter(config.static_tiers)
+    if schema is None:
+        raise ValueError("value_aware routing needs the feature schema")
+    return ValueAwareRouter(config.value_aware, schema, item_values, clock, config.seed)
 
 
 class StaticTiersRouter(Router):
@@ -451,6 +369,7 @@ class ValueAwareRouter(Router):
                 }
             return {
                 "policy": self.name,
+                "budget_share": self.config.controller.budget_share,
                 "lambda": self._lam or 0.0,
                 "full_share_target": self.controller.share,
                 "controller": self.controller.stats(),
