@@ -1,4 +1,6 @@
-"""Turns a validated Query into the model's request-side inputs.
+"""Turns a well-formed Query into the model's request-side inputs, after the checks that need the
+feature schema or the catalog (known surface and features, id ranges, known item ids); the wire
+shape (ranges, sizes, finite numbers) was checked once, at the edge (``serving.edge.convert``).
 
 Request-side sparse features come, in order of precedence, from the caller's context, from
 the user feature snapshot in the catalog (user-side features of known users), or from the
@@ -36,8 +38,6 @@ class FeatureResolver:
             raise InvalidArgument(
                 "surface", f"unknown surface {query.surface!r}; known: {sorted(self.surface_ids)}"
             )
-        if query.user_id < 0:
-            raise InvalidArgument("user_id", f"must be >= 0, got {query.user_id}")
         for name, value in query.sparse.items():
             if name not in self._known_sparse:
                 raise InvalidArgument(
@@ -47,13 +47,20 @@ class FeatureResolver:
             card = self.schema.feature(name).cardinality
             if not 0 <= value < card:
                 raise InvalidArgument(f"context.sparse[{name}]", f"id {value} outside [0, {card})")
-        for name, number in query.dense.items():
+        for name in query.dense:
             if name not in self._known_dense:
                 raise InvalidArgument(
                     f"context.dense[{name}]", f"not a dense feature of schema {self.schema.name}"
                 )
-            if not np.isfinite(number):
-                raise InvalidArgument(f"context.dense[{name}]", "must be finite")
+
+    def item_ids(self, query: Query) -> np.ndarray:
+        """The caller's items (Score) as catalog ids; InvalidArgument names an unknown one."""
+        ids = np.asarray(query.item_ids, dtype=np.int64)
+        n_items = self.catalog.n_items
+        bad = ids[(ids < 0) | (ids >= n_items)]
+        if len(bad):
+            raise InvalidArgument("item_ids", f"unknown item id {int(bad[0])} (catalog has 0..{n_items - 1})")
+        return ids
 
     def resolve(self, query: Query) -> RequestFeatures:
         self.validate(query)

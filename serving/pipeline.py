@@ -129,8 +129,6 @@ class Pipeline:
         t0 = time.perf_counter()
         features = self.resolver.resolve(query)
         n_cand = query.num_candidates or self.config.default_candidates
-        if not 1 <= n_cand <= MAX_CANDIDATES:
-            raise InvalidArgument("num_candidates", f"must be in 1..{MAX_CANDIDATES}, got {n_cand}")
         if query.k > n_cand:
             raise InvalidArgument("k", f"k={query.k} exceeds the {n_cand} candidates to retrieve")
         self._check_deadline(query)
@@ -214,15 +212,7 @@ class Pipeline:
     async def score(self, query: Query, path: Path_ = "full") -> ScoreResult:
         t0 = time.perf_counter()
         features = self.resolver.resolve(query)
-        if not query.item_ids:
-            raise InvalidArgument("item_ids", "at least one item id is required")
-        if len(query.item_ids) > MAX_CANDIDATES:
-            raise InvalidArgument("item_ids", f"at most {MAX_CANDIDATES} items, got {len(query.item_ids)}")
-        ids = np.asarray(query.item_ids, dtype=np.int64)
-        n_items = self.resolver.catalog.n_items
-        bad = ids[(ids < 0) | (ids >= n_items)]
-        if len(bad):
-            raise InvalidArgument("item_ids", f"unknown item id {int(bad[0])} (catalog has 0..{n_items - 1})")
+        ids = self.resolver.item_ids(query)
         if path not in self._batchers:
             raise InvalidArgument("path", f"path {path!r} is not served here")
         self._check_deadline(query)

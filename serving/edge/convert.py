@@ -1,8 +1,8 @@
 """Protobuf <-> domain types, and every check of a request that needs no schema or catalog.
 
 Checks that need the feature schema or the catalog (known surfaces and features, id ranges,
-known item ids) live in ``serving.features`` and the pipeline; everything else is here, so
-the pipeline only ever sees well-formed domain values. Each failure is an ``InvalidArgument``
+known item ids) live in ``serving.features``; everything else is here, once, so the pipeline
+only ever sees well-formed domain values. Each failure is an ``InvalidArgument``
 naming the field as the caller wrote it (``k``, ``outcomes[3].revenue``...).
 
 The client side (``recommend_request``, ``to_json``) is here too, so that commands and tools
