@@ -2,8 +2,9 @@
 
 Fixed policies (always-full, always-cheap, per-surface tables, the oracle) are masks over the
 requests. Online policies (a ``Router``) decide request by request on an injected clock and get
-the feedback the pipeline would give them: measured compute and modelled latency after each
-request, the full model's scores when it ran, and the realised revenue of the served slate.
+the feedback the pipeline gives them, through the same ``serving.feedback`` sequence: measured
+compute and modelled latency after each request, the full model's scores when it ran, and the
+realised revenue of the served slate as a reported outcome.
 
 Latency model: the log's arrival times (one simulated day with diurnal load) are compressed so
 that always-full would keep ``cores`` FIFO servers ``peak_utilisation`` busy in the busiest hour.
@@ -25,7 +26,8 @@ import numpy as np
 
 from embeddings.clock import ManualClock
 from loadtest.counterfactual import ScoredLog
-from serving.domain import Decision
+from serving.domain import Decision, Outcome
+from serving.feedback import RoutingFeedback
 from serving.routing.router import RouteContext, Router
 
 
@@ -122,6 +124,7 @@ def _drive(
     router: Router, log: ScoredLog, times: np.ndarray, clock: ManualClock, load: LoadModel
 ) -> tuple[np.ndarray, np.ndarray, list[Decision]]:
     servers = FifoServers(load.cores)
+    feedback = RoutingFeedback(router)
     full = np.zeros(len(log), dtype=bool)
     latency = np.zeros(len(log))
     decisions = []
@@ -140,13 +143,11 @@ def _drive(
         path = decision.path
         compute = float(log.cost_ms[path][i])
         latency[i] = servers.serve(float(times[i]), load.overhead_ms + log.retrieval_ms + compute)
-        router.observe(log.segments[i], path, compute, float(latency[i]))
-        if path == "full":
-            full[i] = True
-            router.observe_scored(ctx, log.full_scores[i])
+        full[i] = path == "full"
+        feedback.served(ctx, decision, compute, float(latency[i]), log.full_scores[i] if full[i] else None)
         revenue = float(log.realised_revenue[path][i])
-        if revenue != 0.0:
-            router.observe_outcome(log.segments[i], path, revenue, decision.propensity)
+        if revenue != 0.0:  # the served slate's realised revenue, reported as one conversion
+            feedback.outcomes([Outcome(ctx.request_id, 0, "conversion", revenue)])
         decisions.append(decision)
     return full, latency, decisions
 

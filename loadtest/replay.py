@@ -16,7 +16,7 @@ Value-aware routing learns from scratch during the replayed day (``--warmup-requ
 first run over N requests of another day drawn from the world). Its feedback is what a server
 would give it: the measured compute, the modelled latency, the full model's scores when it ran
 (``Router.observe_scored``) and the sampled revenue of the slate it served
-(``Router.observe_outcome``); it never reads the true uplift.
+(reported as an outcome, through ``serving.feedback`` as the server does); it never reads the true uplift.
 
 With ``--log PATH`` it instead estimates, from a decision/outcome log written by a server
 (``serving.decision_log``), what each policy would have earned: inverse-propensity and doubly

@@ -35,9 +35,10 @@ from serving.domain import (
 )
 from serving.errors import DeadlineExceeded, InvalidArgument
 from serving.features import FeatureResolver
+from serving.feedback import RoutingFeedback
 from serving.ranking import ranking_keys, top_k
 from serving.retriever import Retriever
-from serving.revenue.tracker import Inference, RevenueTracker
+from serving.revenue.tracker import RevenueTracker
 from serving.routing.router import RouteContext, Router
 from serving.scoring import Scorer
 
@@ -89,6 +90,7 @@ class Pipeline:
         self.scorers = scorers
         self.router = router
         self.tracker = tracker
+        self.feedback = RoutingFeedback(router, tracker)
         self.model_version = model_version
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -168,13 +170,7 @@ class Pipeline:
         top = top_k(keys, query.k)
         compute_ms = result.compute_cpu_s * 1000.0
         latency_ms = (self.clock.now() - started) * 1000.0
-        self.tracker.record_inference(
-            Inference(query.request_id, features.segment, decision.path, compute_ms, decision.propensity)
-        )
-        self.router.observe(features.segment, decision.path, compute_ms, latency_ms)
-        if decision.path == "full":
-            # Full scores of all candidates let the router value the cheap slate too, for free.
-            self.router.observe_scored(route, result.value)
+        self.feedback.served(route, decision, compute_ms, latency_ms, result.value)
         if self.decision_log is not None:
             self.decision_log.write(
                 DecisionRecord.of(
@@ -237,7 +233,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(self._outcome_pool, self.tracker.record_outcomes, outcomes)
         # Only after they are durable: the router learns each (request, item, event) once.
-        self.router.observe_outcomes(outcomes)
+        self.feedback.outcomes(outcomes)
         if self.decision_log is not None:
             for outcome in outcomes:
                 self.decision_log.write(outcome)
