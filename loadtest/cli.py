@@ -30,7 +30,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("demo",), "loadtest.demo", "build, train, index, serve and drive a burst of traffic, end to end"),
     (("replay",), "loadtest.replay", "offline replay of routing policies on the world's replay log"),
     (("bench", "scoring"), "loadtest.bench", "full scoring path vs TorchRec DLRM, JSON"),
-    (("bench", "precision"), "embeddings.precision", "AUC, bytes, lookup speed of fp32/fp16/int8 tables"),
+    (
+        ("bench", "precision"),
+        "embeddings.precision_bench",
+        "AUC, bytes, speed of fp32/fp16/int8 tables",
+    ),
     (("bench", "redis"), "loadtest.bench_redis", "Redis embedding tier vs in-process, JSON"),
     (("bench", "serving"), "loadtest.bench_serving", "Recommend p99 with the Redis tier vs in-process, JSON"),
 )

@@ -26,6 +26,7 @@ import numpy as np
 from dlrm.train import train_world
 from dlrm.world import Requests, World, WorldConfig
 from embeddings.index_stage import ensure_index
+from embeddings.precision_bench import ensure_measured
 from serving.domain import Outcome, Query, Recommendation
 from serving.edge.client import RecommenderClient
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     config = WorldConfig.load(args.world)
     model = train_world(config, args.artifacts)
     index_dir = ensure_index(config, args.artifacts)
+    ensure_measured(model)  # `valuerank bench precision`: the server reads its choice at start-up
     world = World(config)
     print(
         f"demo: model {model.version} (test AUC {model.metrics['test_auc']:.4f}, ground truth "

@@ -164,6 +164,10 @@ def build_scored_logs(
     world = World(world_config)
     logs = ensure_world_logs(world_config, artifacts, world=world, log=progress)
     model = train_world(world_config, artifacts, progress=progress)
+    if "auto" in (config.scoring.precision, config.scoring.mlp_precision):
+        from embeddings.precision_bench import ensure_measured
+
+        ensure_measured(model)  # as `valuerank bench precision` would, before a server starts
     if index_dir is None:
         from embeddings.index_stage import ensure_index
 

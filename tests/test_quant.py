@@ -19,14 +19,12 @@ from dlrm.artifact import ModelArtifact, load_artifact
 from dlrm.data import Rows, single_hot_kjt
 from dlrm.factored import FactoredDLRM, split_tables
 from embeddings.fast_path import native_bf16
-from embeddings.precision import (
-    PRECISION_FILE,
+from embeddings.precision import PRECISION_FILE, choose_precision, mlp_precision_for
+from embeddings.precision_bench import (
     PrecisionConfig,
     cheapest_within,
-    choose_precision,
     held_out_rows,
     load_or_measure,
-    mlp_precision_for,
 )
 from embeddings.quant import PRECISIONS, quant_tables, quantize_collection, table_bytes
 from loadtest import cli
@@ -185,6 +183,16 @@ def test_choose_precision_without_held_out_rows_is_fp32(artifact_copy: ModelArti
     assert held_out_rows(artifact_copy) is None
     assert choose_precision(artifact_copy) == "fp32"
     assert not (artifact_copy.path / PRECISION_FILE).exists()
+
+
+def test_start_up_reads_the_measured_choice_and_never_measures(
+    artifact_copy: ModelArtifact, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert held_out_rows(artifact_copy) is not None  # it could measure, and must not
+    with caplog.at_level("WARNING", logger="embeddings.precision"):
+        assert choose_precision(artifact_copy) == "fp32"
+    assert not (artifact_copy.path / PRECISION_FILE).exists()
+    assert "valuerank bench precision" in caplog.text
 
 
 def test_bench_precision_command_prints_json(
