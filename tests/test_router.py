@@ -13,9 +13,10 @@ from loadtest.offpolicy import LoggedData, estimate
 from serving.domain import Candidates, Outcome, RequestFeatures
 from serving.routing.config import POLICY_NAMES, RouterConfig, StaticTiersConfig, ValueAwareConfig
 from serving.routing.controller import ControllerConfig, LambdaController
-from serving.routing.policies import ValueAwareRouter, make_router
+from serving.routing.policies import make_router
 from serving.routing.router import FixedRouter, RouteContext
 from serving.routing.uplift import FeaturizerConfig, OnlineRidge, RouteFeaturizer, slate_values
+from serving.routing.value_aware import ValueAwareRouter
 
 SCHEMA = FeatureSchema(
     name="tiny",
