@@ -3,7 +3,7 @@
 The same Recommend request stream runs, interleaved request by request in one process,
 through pipelines that differ only in where the item-side embedding rows live:
 
-* ``in_process``: FBGEMM fp32 tables (``serving.assets.build_pipeline``);
+* ``in_process``: FBGEMM fp32 tables (``serving.assembly.build_pipeline``);
 * ``redis``: a local ``redis-server`` behind the hot-row cache, fp32 rows pushed by
   ``embeddings.push`` (what ``valuerank serve --item-store-config`` serves): each request's
   rows are prefetched when it queues for the micro-batcher (``serving.item_rows``);
