@@ -10,7 +10,6 @@ Item-side embedding rows are served in process (FBGEMM tables), or from an ``Emb
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from dlrm.artifact import ModelArtifact, load_artifact
 from embeddings.catalog import Catalog
 from embeddings.index import log_prices
 from serving.retriever import FaissRetriever
-
-log = logging.getLogger(__name__)
 
 INDEX_FILE = "items.faiss"
 INDEX_MANIFEST = "manifest.json"
