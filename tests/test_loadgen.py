@@ -59,7 +59,9 @@ def test_open_loop_run_against_a_real_server_counts_every_request(grpc_server: s
     assert report["achieved_rps"] == pytest.approx(40.0)
     lat = report["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"] < 1000.0
-    assert report["generator"]["kept_up"]
+    # 40 req/s is far below what one worker sends, but the server shares these 2 cores in this
+    # process: a send or two may start more than 5 ms late (1 in 1,616 seen at 200 req/s).
+    assert report["generator"]["late_sends"] <= 3 and report["generator"]["max_lag_ms"] < 500.0
     assert "ok 40.0 req/s" in format_report(report)
 
 
