@@ -25,6 +25,7 @@ import multiprocessing as mp
 import queue
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,7 +128,13 @@ def run_load(config: LoadConfig, *, progress: bool = False) -> dict[str, Any]:
     last = 0.0
     while len(parts) < config.processes:
         with contextlib.suppress(queue.Empty):  # nothing yet: report progress
-            parts.append(results.get(timeout=1.0))
+            part = results.get(timeout=1.0)
+            if "failed" in part:
+                raise RuntimeError(f"load worker {part['index']} failed:\n{part['failed']}")
+            parts.append(part)
+        dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+        if dead and results.empty():
+            raise RuntimeError(f"a load worker died (exit code {dead[0]}) before reporting")
         elapsed = time.time() - start_at.value
         if progress and elapsed - last >= 1.0:
             last = elapsed
@@ -151,7 +158,11 @@ def _worker(
     start_at: Any,
     results: Any,
 ) -> None:
-    results.put(asyncio.run(_drive(config, index, sent, done, ready, start_at)))
+    try:
+        results.put(asyncio.run(_drive(config, index, sent, done, ready, start_at)))
+    except BaseException:  # the parent must hear of it, not wait for a report that never comes
+        results.put({"index": index, "failed": traceback.format_exc()})
+        raise
 
 
 async def _drive(

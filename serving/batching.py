@@ -5,6 +5,10 @@ Requests queue up; a single consumer takes the first one, then whatever else arr
 batch computes, the next one accumulates, so batches grow with load without adding latency
 at low load. One future per request; the number of results must equal the batch size; a
 failure is set on every future of the batch.
+
+The batcher also keeps what admission needs to predict a new request's wait
+(``expected_wait_s``): how many requests are queued, whether a batch is computing, and a
+moving average of the wall time per batch and per request.
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ class MicroBatcher(Generic[In, Out]):
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._busy_since: float | None = None
+        self.batch_wall_s = 0.0
+        """Moving average of a batch's wall time (0 until the first batch)."""
+        self.item_wall_s = 0.0
+        """Moving average of a batch's wall time per request in it."""
+        self.batches = 0
+        self.items = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -75,6 +86,28 @@ class MicroBatcher(Generic[In, Out]):
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def expected_wait_s(self, now: float | None = None) -> float:
+        """Predicted time from a submit now until its batch starts computing: what the batch
+        computing now has left, then the queue ahead of it at the recent wall time per request.
+        An idle batcher predicts 0 (its next submit starts at once), so a prediction learnt
+        under load can never lock traffic out once the load is gone. A batch already past its
+        average is taken to need half an average more: slow batches tend to run on."""
+        if self._busy_since is None and self._queue.empty():
+            return 0.0
+        now = time.perf_counter() if now is None else now
+        running = 0.0
+        if self._busy_since is not None:
+            running = max(self.batch_wall_s - (now - self._busy_since), 0.5 * self.batch_wall_s)
+        return running + self._queue.qsize() * self.item_wall_s
+
+    def _learn(self, wall_s: float, size: int) -> None:
+        # The first batch sets the averages; later ones move them by 1/8 (a few batches' memory).
+        rate = 1.0 if self.batches == 0 else 0.125
+        self.batch_wall_s += rate * (wall_s - self.batch_wall_s)
+        self.item_wall_s += rate * (wall_s / size - self.item_wall_s)
+        self.batches += 1
+        self.items += size
 
     async def close(self) -> None:
         """Stop taking work; pending requests get an error."""
@@ -93,8 +126,11 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            # What is already queued joins at once (no timer per item); then wait for more.
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + self.timeout_s
-            while len(batch) < self.max_batch_size:
+            while self.timeout_s > 0 and len(batch) < self.max_batch_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0 and self._queue.empty():
                     break
@@ -106,6 +142,7 @@ class MicroBatcher(Generic[In, Out]):
             if not live:
                 continue
             started = time.perf_counter()
+            self._busy_since = started
             try:
                 values, cpu_s = await loop.run_in_executor(self._executor, self._call, [p.item for p in live])
                 if len(values) != len(live):
@@ -113,10 +150,13 @@ class MicroBatcher(Generic[In, Out]):
                         f"batch function returned {len(values)} results for {len(live)} inputs"
                     )
             except Exception as exc:
+                self._busy_since = None
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            self._busy_since = None
+            self._learn(time.perf_counter() - started, len(live))
             total_weight = sum(p.weight for p in live) or 1.0
             for p, value in zip(live, values, strict=True):
                 if not p.future.done():

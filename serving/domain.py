@@ -7,8 +7,12 @@ from typing import Literal
 
 import numpy as np
 
-Path_ = Literal["full", "cheap"]
-PATHS: tuple[Path_, ...] = ("full", "cheap")
+Path_ = Literal["full", "cheap", "fallback"]
+"""How a request was answered: the full DLRM, the cheap two-tower path, or the fallback tier
+(no retrieval, no model: the segment's top items, ``serving.fallback``)."""
+PATHS: tuple[Path_, ...] = ("full", "cheap", "fallback")
+SCORING_PATHS: tuple[Path_, ...] = ("full", "cheap")
+"""The paths that score candidates: what a router chooses and a caller may force."""
 EVENTS = ("impression", "click", "conversion")
 MAX_K = 1000
 MAX_CANDIDATES = 10_000

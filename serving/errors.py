@@ -7,7 +7,10 @@
     ├── NotReady             model or index not loaded yet         -> UNAVAILABLE
     ├── Unavailable          a dependency (Redis, the outcome log) failed; nothing was
     │                        acknowledged, so the caller retries   -> UNAVAILABLE
-    └── DeadlineExceeded     the request's deadline passed         -> DEADLINE_EXCEEDED
+    ├── DeadlineExceeded     the request's deadline passed         -> DEADLINE_EXCEEDED
+    └── Overloaded           refused at once: not even the fallback
+                             could answer in time; retry after
+                             ``retry_after_ms``                    -> RESOURCE_EXHAUSTED
 """
 
 from __future__ import annotations
@@ -34,3 +37,11 @@ class Unavailable(ValuerankError):
 
 class DeadlineExceeded(ValuerankError):
     pass
+
+
+class Overloaded(ValuerankError):
+    """Refused on arrival, before any work, because the server could not answer in time."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms

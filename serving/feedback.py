@@ -35,6 +35,8 @@ class RoutingFeedback:
             self.tracker.record_inference(
                 Inference(ctx.request_id, ctx.segment, decision.path, compute_ms, decision.propensity)
             )
+        if decision.path == "fallback":
+            return  # admission chose it, not the router: nothing for the router to learn
         self.router.observe(ctx.segment, decision.path, compute_ms, latency_ms)
         if decision.path == "full" and full_scores is not None:
             # Full scores of all candidates let the router value the cheap slate too, for free.

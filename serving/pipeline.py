@@ -1,14 +1,20 @@
-"""The serving pipeline: validate -> retrieve -> route -> score -> rank -> record.
+"""The serving pipeline: admit -> validate -> retrieve -> route -> score -> rank -> record.
 
 It knows nothing of gRPC (the servicer converts at the edge) and sees only the ``Retriever``,
 ``Scorer``, ``Router`` and ``RevenueTracker`` interfaces. Faiss and torch run on worker
-threads: retrieval and the cheap path on one pool, the full model behind a micro-batcher on
-another, so a queue of full-path work never delays a cheap answer.
+threads, each behind a micro-batcher: retrieval on one thread (concurrent requests share one
+Faiss search), the full model on another, so a queue of full-path work never delays a cheap
+answer. The cheap path is a few numpy operations on what retrieval returned and runs inline.
+
+``serving.admission`` bounds the work: a request is answered within its budget (deadline and
+SLO) by the deepest tier whose predicted wait fits (full, cheap, then the fallback tier of
+``serving.fallback``), or refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from embeddings.clock import Clock, MonotonicClock
-from serving.batching import MicroBatcher
+from serving.admission import Admission, AdmissionConfig
+from serving.batching import BatchResult, MicroBatcher
 from serving.decision_log import DecisionLog, DecisionRecord
 from serving.domain import (
     MAX_CANDIDATES,
@@ -33,7 +40,8 @@ from serving.domain import (
     ScoreResult,
     Timings,
 )
-from serving.errors import DeadlineExceeded, InvalidArgument
+from serving.errors import DeadlineExceeded, InvalidArgument, Overloaded
+from serving.fallback import FallbackSlates
 from serving.features import FeatureResolver
 from serving.feedback import RoutingFeedback
 from serving.ranking import ranking_keys, top_k
@@ -51,6 +59,10 @@ class PipelineConfig:
     """Most requests scored together by the full model."""
     batch_timeout_ms: float = 0.5
     """How long the batcher waits for more requests after the first one."""
+    max_retrieval_batch: int = 32
+    """Most requests retrieved together in one Faiss search."""
+    admission: AdmissionConfig = AdmissionConfig()
+    """Budgets, the degradation ladder and refusal on arrival (``serving.admission``)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_candidates <= MAX_CANDIDATES:
@@ -59,9 +71,13 @@ class PipelineConfig:
             raise ValueError(f"{self.max_batch_size=} must be >= 1")
         if self.batch_timeout_ms < 0:
             raise ValueError(f"{self.batch_timeout_ms=} must be >= 0")
+        if self.max_retrieval_batch < 1:
+            raise ValueError(f"{self.max_retrieval_batch=} must be >= 1")
 
 
 ScoreJob = tuple[RequestFeatures, Candidates]
+RetrieveJob = tuple[np.ndarray, int]
+"""A user vector and how many candidates to retrieve for it."""
 
 
 class Pipeline:
@@ -78,11 +94,14 @@ class Pipeline:
         decision_log: DecisionLog | None = None,
         item_values: np.ndarray | None = None,
         on_close: Sequence[Callable[[], None]] = (),
+        fallback: FallbackSlates | None = None,
     ) -> None:
         """``item_values``: what a click on each item id earns, relatively (the catalog's
         prices); the slate is the top k by ``P(click) x value`` (``serving.ranking``), or by
         ``P(click)`` when None. ``on_close``: releases what the pipeline owns besides its parts
-        (an item store it was built with), called after the scorers have stopped."""
+        (an item store it was built with), called after the scorers have stopped.
+        ``fallback``: the tier answered when nothing else fits the budget (None: the catalog's
+        seeded one)."""
         self._on_close = list(on_close)
         self.resolver = resolver
         self.item_values = item_values
@@ -94,7 +113,7 @@ class Pipeline:
         self.model_version = model_version
         self.config = config
         self.clock = clock or MonotonicClock()
-        self._light_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vr-light")
+        self._light_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-retrieve")
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-model")
         # Durable outcome writes (fsync, Redis) get their own thread: a slow disk never delays
         # retrieval or the cheap path.
@@ -102,15 +121,29 @@ class Pipeline:
         self.decision_log = decision_log
         self._batchers: dict[Path_, MicroBatcher[ScoreJob, np.ndarray]] = {}
         for path, scorer in scorers.items():
-            pool = self._model_pool if path == "full" else self._light_pool
-            self._batchers[path] = MicroBatcher(
-                _batch_fn(scorer),
-                pool,
-                max_batch_size=config.max_batch_size if path == "full" else 1,
-                timeout_s=config.batch_timeout_ms / 1000.0 if path == "full" else 0.0,
-            )
+            if not scorer.inline:
+                self._batchers[path] = MicroBatcher(
+                    _batch_fn(scorer),
+                    self._model_pool,
+                    max_batch_size=config.max_batch_size,
+                    timeout_s=config.batch_timeout_ms / 1000.0,
+                )
+        self._retrieval: MicroBatcher[RetrieveJob, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
+            self._retrieve_batch, self._light_pool, max_batch_size=config.max_retrieval_batch, timeout_s=0.0
+        )
+        self.admission = Admission(config.admission)
+        if fallback is None:
+            catalog = resolver.catalog
+            fallback = FallbackSlates.seeded(catalog.user_vectors, catalog.item_vectors, item_values)
+        self.fallback = fallback
+        self._refresher: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self.admission.stop()
+        await self._retrieval.close()
         for batcher in self._batchers.values():
             await batcher.close()
         for scorer in self.scorers.values():
@@ -129,19 +162,32 @@ class Pipeline:
     async def recommend(self, query: Query) -> Recommendation:
         started = self.clock.now()
         t0 = time.perf_counter()
+        self._start_background()
+        left = None if query.deadline is None else query.deadline - started
+        budget_end = t0 + self.admission.admit(left)  # or Overloaded, before any work
+        self.admission.in_flight += 1
+        try:
+            recommendation = await self._recommend(query, started, t0, budget_end)
+        finally:
+            self.admission.in_flight -= 1
+        self.admission.counts[f"answered_{recommendation.path}"] += 1
+        return recommendation
+
+    async def _recommend(self, query: Query, started: float, t0: float, budget_end: float) -> Recommendation:
         features = self.resolver.resolve(query)
         n_cand = query.num_candidates or self.config.default_candidates
         if query.k > n_cand:
             raise InvalidArgument("k", f"k={query.k} exceeds the {n_cand} candidates to retrieve")
         self._check_deadline(query)
-        loop = asyncio.get_running_loop()
-        ids, scores = await loop.run_in_executor(
-            self._light_pool, self.retriever.retrieve, features.user_vector[None, :], n_cand
-        )
-        candidates = Candidates(ids[0], scores[0])
+        wait_s = self._retrieval.expected_wait_s(t0)
+        if wait_s > budget_end - t0 and query.force_path is None:
+            return self._fallback(query, features, started, t0, f"retrieval wait {wait_s * 1000.0:.1f} ms")
+        ids, scores = (await self._retrieval.submit((features.user_vector, n_cand))).value
+        candidates = Candidates(ids, scores)
         t1 = time.perf_counter()
 
         left = None if query.deadline is None else query.deadline - self.clock.now()
+        full_wait_s = self._batchers["full"].expected_wait_s(t1) if "full" in self._batchers else 0.0
         route = RouteContext(
             query.request_id,
             query.surface,
@@ -150,19 +196,18 @@ class Pipeline:
             request=features,
             candidates=candidates,
             k=query.k,
+            queue_delay_s=full_wait_s,
         )
         if query.force_path is not None:
             decision = Decision(query.force_path, "forced", "force_path set by caller")
         else:
-            decision = self.router.decide(route)
-        if decision.path not in self._batchers:
+            decision = self._admit_path(self.router.decide(route), budget_end - t1, full_wait_s)
+        if decision.path not in self.scorers:
             raise InvalidArgument("force_path", f"path {decision.path!r} is not served here")
         t2 = time.perf_counter()
         self._check_deadline(query)
         self.scorers[decision.path].prefetch(features, candidates)  # e.g. item rows from Redis
-        result = await self._batchers[decision.path].submit(
-            (features, candidates), weight=len(candidates.item_ids)
-        )
+        result = await self._score(decision.path, features, candidates)
         t3 = time.perf_counter()
 
         values = None if self.item_values is None else self.item_values[candidates.item_ids]
@@ -171,6 +216,7 @@ class Pipeline:
         compute_ms = result.compute_cpu_s * 1000.0
         latency_ms = (self.clock.now() - started) * 1000.0
         self.feedback.served(route, decision, compute_ms, latency_ms, result.value)
+        self.fallback.observe(features.segment, candidates.item_ids[top], result.value[top])
         if self.decision_log is not None:
             self.decision_log.write(
                 DecisionRecord.of(
@@ -203,20 +249,89 @@ class Pipeline:
             timings=timings,
         )
 
+    def _admit_path(self, decision: Decision, left_s: float, full_wait_s: float) -> Decision:
+        """The router's choice, or the cheap path when the full path's wait would not fit."""
+        if decision.path != "full" or full_wait_s <= left_s:
+            return decision
+        if not self.admission.config.degrade:
+            self.admission.counts["refused_full_wait"] += 1
+            retry = self.admission.config.retry_after_ms
+            raise Overloaded(f"overloaded: full path wait {full_wait_s * 1000.0:.1f} ms", retry)
+        self.admission.counts["degraded"] += 1
+        reason = (
+            f"degraded: full path wait {full_wait_s * 1000.0:.1f} ms > {left_s * 1000.0:.1f} ms of budget"
+            f" (router: {decision.reason})"
+        )
+        return Decision("cheap", decision.policy, reason, decision.lam, decision.estimated_uplift, 1.0)
+
+    def _fallback(
+        self, query: Query, features: RequestFeatures, started: float, t0: float, why: str
+    ) -> Recommendation:
+        """The segment's top items, no retrieval and no model (``serving.fallback``)."""
+        if not self.admission.config.degrade:
+            self.admission.counts["refused_retrieval_wait"] += 1
+            raise Overloaded(f"overloaded: {why}", self.admission.config.retry_after_ms)
+        self.admission.counts["fallback"] += 1
+        slate = self.fallback.slate(features.segment, query.k)
+        decision = Decision("fallback", "admission", f"fallback: {why} > budget")
+        latency_ms = (self.clock.now() - started) * 1000.0
+        route = RouteContext(query.request_id, query.surface, features.segment, None, k=query.k)
+        self.feedback.served(route, decision, 0.0, latency_ms)
+        total_ms = (time.perf_counter() - t0) * 1000.0
+        return Recommendation(
+            request_id=query.request_id,
+            item_ids=slate.item_ids,
+            scores=slate.probs.astype(np.float32),
+            expected_values=slate.keys,
+            path="fallback",
+            model_version=self.model_version,
+            decision=decision,
+            segment=features.segment,
+            num_candidates=0,
+            timings=Timings(total_ms=total_ms),
+        )
+
+    async def _score(
+        self, path: Path_, features: RequestFeatures, candidates: Candidates
+    ) -> BatchResult[np.ndarray]:
+        batcher = self._batchers.get(path)
+        if batcher is not None:
+            return await batcher.submit((features, candidates), weight=len(candidates.item_ids))
+        cpu = time.thread_time()
+        value = self.scorers[path].score_batch([features], [candidates])[0]
+        return BatchResult(value, 0.0, time.thread_time() - cpu, 1)
+
+    def _retrieve_batch(self, jobs: list[RetrieveJob]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One Faiss search for the batch, at its largest depth; each row cut to its own."""
+        vectors = np.stack([vector for vector, _ in jobs])
+        ids, scores = self.retriever.retrieve(vectors, max(n for _, n in jobs))
+        return [(ids[i, :n], scores[i, :n]) for i, (_, n) in enumerate(jobs)]
+
+    def _start_background(self) -> None:
+        if self._refresher is None:
+            self.admission.start()
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_fallback())
+
+    async def _refresh_fallback(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.admission.config.fallback_refresh_s)
+            await loop.run_in_executor(self._light_pool, self.fallback.refresh)
+
     # -- Score --------------------------------------------------------------------------------
 
     async def score(self, query: Query, path: Path_ = "full") -> ScoreResult:
         t0 = time.perf_counter()
         features = self.resolver.resolve(query)
         ids = self.resolver.item_ids(query)
-        if path not in self._batchers:
+        if path not in self.scorers:
             raise InvalidArgument("path", f"path {path!r} is not served here")
         self._check_deadline(query)
         # The caller's items were not retrieved: their two-tower inner products, as retrieval
         # would have returned them (the cheap path scores from these).
         inner = self.resolver.catalog.item_vectors[ids] @ features.user_vector
         candidates = Candidates(ids, inner.astype(np.float32))
-        result = await self._batchers[path].submit((features, candidates), weight=len(ids))
+        result = await self._score(path, features, candidates)
         total = (time.perf_counter() - t0) * 1000.0
         return ScoreResult(
             query.request_id,
@@ -240,11 +355,25 @@ class Pipeline:
         return report
 
     def routing_stats(self) -> dict[str, Any]:
-        stats = {"router": self.router.stats(), "segments": self.tracker.snapshot()}
+        stats = {
+            "router": self.router.stats(),
+            "segments": self.tracker.snapshot(),
+            "admission": self.admission.stats(),
+            "fallback": self.fallback.stats(),
+            "batches": {
+                name: {"batches": b.batches, "items": b.items, "queued": b.queue_depth}
+                for name, b in self._all_batchers()
+            },
+            # The server's own CPU time: a load generator divides its growth by the requests sent.
+            "process": {"pid": os.getpid(), "cpu_s": time.process_time()},
+        }
         store = self.scorers["full"].store_stats() if "full" in self.scorers else None
         if store is not None:
             stats["embedding_store"] = store
         return stats
+
+    def _all_batchers(self) -> list[tuple[str, MicroBatcher[Any, Any]]]:
+        return [("retrieval", self._retrieval), *self._batchers.items()]
 
     def _check_deadline(self, query: Query) -> None:
         if query.deadline is not None and self.clock.now() >= query.deadline:

@@ -25,6 +25,8 @@ from serving.ranking import retrieval_probs
 
 class Scorer(ABC):
     path: Path_
+    inline: bool = False
+    """Cheap enough (a few numpy operations, no torch, no Faiss) to run on the event loop."""
 
     @abstractmethod
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
@@ -102,6 +104,7 @@ class CheapScorer(Scorer):
     ``valuerank replay`` measures its cost against the full path's."""
 
     path: Path_ = "cheap"
+    inline = True
 
     def score_batch(self, requests: list[RequestFeatures], candidates: list[Candidates]) -> list[np.ndarray]:
         if len(requests) != len(candidates):

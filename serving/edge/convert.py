@@ -25,6 +25,7 @@ from serving.domain import (
     MAX_CANDIDATES,
     MAX_K,
     PATHS,
+    SCORING_PATHS,
     Decision,
     Outcome,
     OutcomeReport,
@@ -140,13 +141,14 @@ def _dense(values: Mapping[str, float]) -> dict[str, float]:
     return dict(values)
 
 
-def _path(field: str, value: str) -> Path_ | None:
+def _path(field: str, value: str, allowed: tuple[Path_, ...] = SCORING_PATHS) -> Path_ | None:
+    """A path a caller asks for (a scoring path), or, with ``allowed=PATHS``, one a server answered by."""
     if value == "":
         return None
-    for path in PATHS:
+    for path in allowed:
         if value == path:
             return path
-    raise InvalidArgument(field, f"must be one of {list(PATHS)} or empty, got {value!r}")
+    raise InvalidArgument(field, f"must be one of {list(allowed)} or empty, got {value!r}")
 
 
 # -- domain -> responses ---------------------------------------------------------------------
@@ -312,7 +314,7 @@ def outcomes_request(items: list[Outcome]) -> pb.ReportOutcomesRequest:
 
 def recommendation(resp: pb.RecommendResponse) -> Recommendation:
     r = resp.routing
-    path = _path("path", resp.path) or "full"
+    path = _path("path", resp.path, PATHS) or "full"
     return Recommendation(
         request_id=resp.request_id,
         item_ids=np.array([i.item_id for i in resp.items], dtype=np.int64),

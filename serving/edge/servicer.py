@@ -6,6 +6,7 @@ Domain errors become status codes in one place, ``_status_errors``::
     NotReady          -> UNAVAILABLE        (model or index still loading)
     Unavailable       -> UNAVAILABLE        (a backing store failed; nothing acknowledged, retry)
     DeadlineExceeded  -> DEADLINE_EXCEEDED
+    Overloaded        -> RESOURCE_EXHAUSTED (trailer ``grpc-retry-pushback-ms``: when to retry)
     anything else     -> INTERNAL           (logged with its traceback; the server keeps serving)
 
 Until the server hands it a pipeline (``set_pipeline``) every call answers UNAVAILABLE.
@@ -23,7 +24,7 @@ import grpc
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
 from serving.edge import convert
-from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Unavailable
+from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded, Unavailable
 from serving.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""Trailer of a RESOURCE_EXHAUSTED answer: milliseconds the caller should wait before retrying
+(the key gRPC's own retry policy reads)."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -51,6 +56,8 @@ def _status_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await method(self, request, context)
         except Exception as exc:
+            if isinstance(exc, Overloaded):
+                context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(exc.retry_after_ms)),))
             code = next((c for kind, c in _STATUS if isinstance(exc, kind)), None)
             if code is None:
                 log.exception("%s failed", method.__name__)

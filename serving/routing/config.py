@@ -36,6 +36,9 @@ class ValueAwareConfig:
     """Decisions of a segment over which its cheap share is measured (half-life)."""
     min_full_deadline_ms: float = 5.0
     """A request with less time than this left goes cheap (raised to the full path's recent p90)."""
+    pressure_ms: float = 10.0
+    """Load pressure: lambda is multiplied by ``1 + wait / pressure_ms`` for the full path's
+    predicted wait, so as a queue builds the lowest-uplift requests move to cheap first."""
     l2: float = 30.0
     """Ridge penalty of the value model (in weighted labels: a cell needs ~l2 labels to count)."""
     label_half_life: float = 20_000.0
@@ -71,7 +74,14 @@ class ValueAwareConfig:
             raise ValueError(f"{self.epsilon=} must be in [0, 1]")
         if not 0.0 < self.max_cheap_share <= 1.0:
             raise ValueError(f"{self.max_cheap_share=} must be in (0, 1]")
-        for name in ("guardrail_half_life", "label_half_life", "cost_half_life", "stats_half_life_s", "l2"):
+        for name in (
+            "guardrail_half_life",
+            "label_half_life",
+            "cost_half_life",
+            "stats_half_life_s",
+            "l2",
+            "pressure_ms",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.min_full_deadline_ms < 0:

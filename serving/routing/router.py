@@ -39,6 +39,8 @@ class RouteContext:
     """The retrieved candidates; their retrieval scores give the cheap path's slate for free."""
     k: int = 10
     """Items the caller will show (the slate whose value routing estimates)."""
+    queue_delay_s: float = 0.0
+    """Predicted wait of the full path now (``MicroBatcher.expected_wait_s``): load to route by."""
 
 
 class Router(ABC):

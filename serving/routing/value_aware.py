@@ -101,8 +101,14 @@ class ValueAwareRouter(Router):
                 path, p_full, reason = self.exploration.cold_start(self._target_full_share())
                 explored = True
             else:
-                rule_full = uplift - lam * extra_ms > 0.0
+                # Queueing delay makes a full-path millisecond dearer: the lowest uplifts go first.
+                pressure = 1.0 + ctx.queue_delay_s * 1000.0 / self.config.pressure_ms
+                rule_full = uplift - lam * pressure * extra_ms > 0.0
                 reason = f"uplift ${uplift:.5f} {'>' if rule_full else '<='} lambda x {extra_ms:.3f} ms extra"
+                if pressure > 1.05:
+                    reason += (
+                        f" (lambda x {pressure:.2f}: full path wait {ctx.queue_delay_s * 1000.0:.1f} ms)"
+                    )
                 if not rule_full and share >= self.config.max_cheap_share:
                     rule_full = True
                     reason = f"guardrail: cheap share {share:.2f} of {ctx.segment} at its cap"
