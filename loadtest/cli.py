@@ -28,7 +28,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "per-segment revenue, lambda, budget of a server",
     ),
     (("demo",), "loadtest.demo", "build, train, index, serve and drive a burst of traffic, end to end"),
-    (("loadtest",), "loadtest.loadgen", "open-loop Recommend load from processes of its own, JSON"),
+    (("loadtest",), "loadtest.live.loadgen", "open-loop Recommend load from processes of its own, JSON"),
     (("replay",), "loadtest.replay", "offline replay of routing policies on the world's replay log"),
     (("bench", "scoring"), "loadtest.bench", "full scoring path vs TorchRec DLRM, JSON"),
     (

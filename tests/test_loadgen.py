@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.loadgen import LoadConfig, arrival_offsets, format_report, run_load
+from loadtest.live.loadgen import LoadConfig, arrival_offsets, format_report, run_load
 
 
 @settings(max_examples=100, deadline=None)
