@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # isort: off
-from loadtest import _omp  # before torch: sets the OpenMP wait policy torch starts with
+from embeddings import omp as _omp  # before torch: sets the OpenMP wait policy torch starts with
 
 # isort: on
 import numpy as np
