@@ -28,7 +28,7 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "per-segment revenue, lambda, budget of a server",
     ),
     (("demo",), "loadtest.demo", "build, train, index, serve and drive a burst of traffic, end to end"),
-    (("loadtest",), "loadtest.live.loadgen", "open-loop Recommend load from processes of its own, JSON"),
+    (("loadtest",), "loadtest.live.command", "open-loop Recommend load from processes of its own, JSON"),
     (("replay",), "loadtest.replay", "offline replay of routing policies on the world's replay log"),
     (("bench", "scoring"), "loadtest.bench", "full scoring path vs TorchRec DLRM, JSON"),
     (
@@ -38,6 +38,11 @@ COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     ),
     (("bench", "redis"), "loadtest.bench_redis", "Redis embedding tier vs in-process, JSON"),
     (("bench", "serving"), "loadtest.bench_serving", "Recommend p99 with the Redis tier vs in-process, JSON"),
+    (
+        ("bench", "capacity"),
+        "loadtest.live.capacity",
+        "live capacity: bare transport vs always_full/cheap, JSON",
+    ),
 )
 
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from dlrm.train import train_world
 from dlrm.world import Requests, World, WorldConfig
 from embeddings.index_stage import ensure_index
 from embeddings.precision_bench import ensure_measured
+from loadtest.live.servers import start_serve
 from serving.domain import Outcome, Query, Recommendation
 from serving.edge.client import RecommenderClient
 
@@ -68,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
-    server = _start_server(model.path, index_dir, args.policy)
+    server = start_serve(model.path, index_dir, ["--policy", args.policy])
+    print(f"demo: server up at {server.target}", file=sys.stderr)
     try:
         summary = asyncio.run(_drive(world, server.target, args))
     finally:
@@ -80,58 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_table(summary)
     return 0 if server.exit_code == 0 else 1
-
-
-# -- the server child process -------------------------------------------------------------
-
-
-class ServerProcess:
-    def __init__(self, proc: subprocess.Popen[str], target: str) -> None:
-        self.proc = proc
-        self.target = target
-        self.exit_code: int | None = None
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-
-
-def _start_server(model_dir: Path, index_dir: Path, policy: str, timeout_s: float = 120.0) -> ServerProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "serving.commands.serve",  # `valuerank serve`, without the CLI's table of commands
-        "--model",
-        str(model_dir),
-        "--index",
-        str(index_dir),
-        "--port",
-        "0",
-        "--policy",
-        policy,
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    # The server prints "serving on HOST:PORT" once its health status is SERVING.
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited before serving (code {proc.wait()})")
-        if line.startswith("serving on "):
-            target = line.split()[-1]
-            print(f"demo: server up at {target}", file=sys.stderr)
-            return ServerProcess(proc, target)
-    proc.kill()
-    raise RuntimeError("server did not become ready in time")
 
 
 # -- the traffic --------------------------------------------------------------------------

@@ -102,6 +102,18 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class SlateReply:
+    """What a load generator reads of a Recommend answer (decoded without a full Recommendation)."""
+
+    request_id: str
+    path: Path_
+    item_ids: np.ndarray
+    """int64 item ids, best first."""
+    reason: str
+    """Why this path (the routing decision's reason)."""
+
+
+@dataclass(frozen=True)
 class ScoreResult:
     request_id: str
     scores: np.ndarray

@@ -1,45 +1,53 @@
 """`valuerank loadtest`: open-loop Recommend load against a server, from processes of its own.
 
-Arrivals are scheduled before the run (Poisson or evenly spaced, at ``--rps`` for ``--duration``
-seconds) and each request's latency is measured from its *intended* send time, so a slow server
-cannot slow the generator into flattering it (no coordinated omission). Each worker process
-sends its share of the schedule on one asyncio loop and never waits for a reply before the next
-send; when it falls behind its schedule it says so (``generator.late_sends``, ``kept_up``).
+Arrivals are scheduled before each run (``loadtest.live.traffic``: Poisson or evenly spaced, in a
+steady, step, spike or ramp profile) and each request's latency is measured from its *intended*
+send time, so a slow server cannot slow the generator into flattering it (no coordinated
+omission). Each worker process sends its share of the schedule on one asyncio loop from
+requests encoded before the clock starts, never waits for a reply before the next send, and
+says when it fell behind its schedule (``generator.late_sends``, ``kept_up``).
 
-Traffic follows the world: surfaces in the world's shares, users drawn Zipf by activity, k and
-the number of candidates as given. The report: achieved ok requests per second (goodput),
-latency percentiles from an HDR histogram, errors by status code and the path mix; a progress
-line each second on stderr; ``--json`` for one JSON object.
+Traffic is the world's; outcomes for every shown slate are drawn from the world's ground truth
+and reported back with ``ReportOutcomes`` in batches (retried when the server says UNAVAILABLE
+or RESOURCE_EXHAUSTED: the tracker counts each outcome once), so revenue per inference is live,
+per surface and per path. The report (``loadtest.live.report``): goodput, latency percentiles
+from an HDR histogram, errors by status code, the path mix, expected and realised revenue per
+inference and per second, the server's own CPU time per request (from its GetRoutingStats), and
+per-second series for ``--plot``. The command is ``loadtest.live.command``; ``--find-capacity``
+and ``--overload`` are in ``loadtest.live.capacity``.
 
-Not yet here (issue 9): outcomes drawn from the world and reported back, profiles other than
-steady, ``--plot``, ``--find-capacity`` and the overload scenario.
+The worker processes start once (imports, the world) and run any number of stages
+(``LoadWorkers.run``), so a capacity search does not pay their start-up at every rate.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing as mp
 import queue
 import sys
 import time
 import traceback
+import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from dlrm.configs import add_flags, from_flags
+from loadtest.live.report import MAX_LATENCY_US, merge
+from loadtest.live.traffic import PROFILES, arrival_offsets, slate_values, world_queries
 
 LATE_MS = 5.0
 """A send this much behind its intended time counts as late: the generator did not keep up."""
-MAX_LATENCY_US = 60_000_000
-"""Largest latency the histogram holds (60 s), at 3 significant digits."""
+RPS_PER_PROCESS = 700.0
+"""Offered rate one worker process sends comfortably (``processes=0`` divides by it)."""
+RETRIED_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+"""ReportOutcomes failures that are retried: nothing was acknowledged, or it may have been (dedup)."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,13 @@ class LoadConfig:
     target: str = "127.0.0.1:50051"
     """Server address, host:port (loopback only)."""
     rps: float = 100.0
-    """Offered load: requests per second, all worker processes together."""
+    """Offered load: requests per second, all worker processes together (the base rate of a profile)."""
     duration: float = 10.0
     """Seconds of load."""
+    profile: Literal["steady", "step", "spike", "ramp"] = "steady"
+    """Shape of the offered rate over the run (``loadtest.live.traffic``)."""
+    peak: float = 3.0
+    """Peak rate of the step, spike and ramp profiles, as a multiple of ``rps``."""
     arrivals: Literal["poisson", "constant"] = "poisson"
     """Poisson arrivals (exponential gaps) or evenly spaced ones."""
     deadline_ms: float = 1000.0
@@ -58,12 +70,16 @@ class LoadConfig:
     """Items per slate."""
     candidates: int = 500
     """Candidates retrieved per request (num_candidates)."""
-    processes: int = 1
-    """Worker processes sending the load (each takes rps / processes)."""
+    outcomes: bool = True
+    """Report outcomes drawn from the world's ground truth for every shown slate."""
+    outcome_batch_ms: float = 100.0
+    """Outcomes are sent in one ReportOutcomes call per this many milliseconds."""
+    processes: int = 0
+    """Worker processes sending the load (0: one per ~700 req/s of peak rate)."""
     seed: int = 0
-    """Seed of arrivals, users and surfaces."""
+    """Seed of arrivals, requests and outcomes."""
     world: str | None = None
-    """World config whose surface mix and user activity the traffic follows (None: bundled)."""
+    """World config whose traffic and ground truth the run follows (None: bundled)."""
 
     def __post_init__(self) -> None:
         host = self.target.rpartition(":")[0]
@@ -73,210 +89,325 @@ class LoadConfig:
             raise ValueError(f"{self.rps=} must be in (0, 100000]")
         if not 0.0 < self.duration <= 3600.0:
             raise ValueError(f"{self.duration=} must be in (0, 3600]")
+        if self.profile not in PROFILES:
+            raise ValueError(f"{self.profile=} must be one of {PROFILES}")
+        if not 1.0 <= self.peak <= 100.0:
+            raise ValueError(f"{self.peak=} must be in [1, 100]")
         if self.arrivals not in ("poisson", "constant"):
             raise ValueError(f"{self.arrivals=} must be poisson or constant")
-        if self.deadline_ms <= 0:
-            raise ValueError(f"{self.deadline_ms=} must be > 0")
+        if self.deadline_ms <= 0 or self.outcome_batch_ms <= 0:
+            raise ValueError(f"{self.deadline_ms=} and {self.outcome_batch_ms=} must be > 0")
         if not 1 <= self.k <= self.candidates <= 10_000:
             raise ValueError(f"{self.k=} and {self.candidates=} must satisfy 1 <= k <= candidates <= 10000")
-        if not 1 <= self.processes <= 64:
-            raise ValueError(f"{self.processes=} must be in 1..64")
+        if not 0 <= self.processes <= 64:
+            raise ValueError(f"{self.processes=} must be in 0..64")
 
+    @property
+    def peak_rps(self) -> float:
+        return self.rps * (1.0 if self.profile == "steady" else self.peak)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="valuerank loadtest", description=__doc__)
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    add_flags(parser, LoadConfig)
-    args = parser.parse_args(argv)
-    try:
-        config = from_flags(LoadConfig, args)
-    except ValueError as exc:
-        print(f"loadtest: error: {exc}", file=sys.stderr)
-        return 2
-    report = run_load(config, progress=True)
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0
-
-
-def arrival_offsets(rps: float, duration: float, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Intended send times, seconds from the start, sorted, all in ``[0, duration)``."""
-    if kind == "constant":
-        return np.arange(int(rps * duration)) / rps
-    n = rng.poisson(rps * duration)
-    return np.sort(rng.uniform(0.0, duration, n))  # a Poisson process, conditioned on its count
+    @property
+    def worker_processes(self) -> int:
+        return self.processes or max(1, min(8, int(np.ceil(self.peak_rps / RPS_PER_PROCESS))))
 
 
 def run_load(config: LoadConfig, *, progress: bool = False) -> dict[str, Any]:
-    """Drive the load from ``config.processes`` worker processes and merge what they measured."""
-    ctx = mp.get_context("spawn")  # a clean interpreter: nothing of the caller's threads or loops
-    sent = ctx.Value("q", 0)
-    done = ctx.Value("q", 0)
-    ready = ctx.Barrier(config.processes + 1)
-    results = ctx.Queue()
-    start_at = ctx.Value("d", 0.0)
-    workers = [
-        ctx.Process(target=_worker, args=(config, i, sent, done, ready, start_at, results), daemon=True)
-        for i in range(config.processes)
-    ]
-    for w in workers:
-        w.start()
-    ready.wait(timeout=120.0)  # every worker has imported and connected
-    with start_at.get_lock():
-        start_at.value = time.time() + 0.2
-    ready.wait(timeout=10.0)
-    parts: list[dict[str, Any]] = []
-    last = 0.0
-    while len(parts) < config.processes:
-        with contextlib.suppress(queue.Empty):  # nothing yet: report progress
-            part = results.get(timeout=1.0)
-            if "failed" in part:
-                raise RuntimeError(f"load worker {part['index']} failed:\n{part['failed']}")
-            parts.append(part)
-        dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-        if dead and results.empty():
-            raise RuntimeError(f"a load worker died (exit code {dead[0]}) before reporting")
-        elapsed = time.time() - start_at.value
-        if progress and elapsed - last >= 1.0:
-            last = elapsed
-            print(
-                f"loadtest: {min(elapsed, config.duration):5.1f}/{config.duration:.0f} s  "
-                f"sent {sent.value}  answered {done.value}",
-                file=sys.stderr,
-                flush=True,
+    """One run of ``config`` from fresh worker processes."""
+    with LoadWorkers(config) as workers:
+        return workers.run(config, progress=progress)
+
+
+class LoadWorkers:
+    """Worker processes started once (imports, the world, a connection), then run stage after stage.
+
+    Every stage may change the rate, duration, profile and deadline; the target, the world and
+    the number of processes are fixed when the workers start.
+    """
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.processes = config.worker_processes
+        ctx = mp.get_context("spawn")  # a clean interpreter: nothing of the caller's threads or loops
+        self._sent = ctx.Value("q", 0)
+        self._done = ctx.Value("q", 0)
+        self._results: Any = ctx.Queue()
+        self._commands: list[Any] = [ctx.Queue() for _ in range(self.processes)]
+        self._workers = [
+            ctx.Process(
+                target=_worker,
+                args=(config, i, self.processes, self._commands[i], self._results, self._sent, self._done),
+                daemon=True,
             )
-    for w in workers:
-        w.join(timeout=10.0)
-    return merge(config, parts)
+            for i in range(self.processes)
+        ]
+        for w in self._workers:
+            w.start()
+        self._collect("ready", timeout_s=180.0)  # imported, world built, connected and served
+
+    def __enter__(self) -> LoadWorkers:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for commands in self._commands:
+            with contextlib.suppress(Exception):
+                commands.put(None)
+        for w in self._workers:
+            w.join(timeout=10.0)
+            if w.is_alive():
+                w.kill()
+
+    def run(self, stage: LoadConfig, *, progress: bool = False, label: str = "") -> dict[str, Any]:
+        """Drive one stage (``stage``'s rate, duration, profile, deadline, seed) and report it."""
+        stage = replace(stage, target=self.config.target, world=self.config.world, processes=self.processes)
+        tag = uuid.uuid4().hex[:8]  # request ids unique across stages and runs against one server
+        with self._sent.get_lock(), self._done.get_lock():
+            self._sent.value = self._done.value = 0
+        for commands in self._commands:
+            commands.put(("prepare", stage, tag))
+        self._collect("prepared", timeout_s=120.0)
+        before = _server_process_stats(stage.target)
+        start_at = time.time() + 0.2
+        for commands in self._commands:
+            commands.put(("start", start_at))
+        parts = self._collect(
+            "report",
+            timeout_s=stage.duration + 3 * stage.deadline_ms / 1000.0 + 120.0,
+            progress=(stage, start_at, label) if progress else None,
+        )
+        after = _server_process_stats(stage.target)
+        return merge(stage, parts, before, after)
+
+    def _collect(
+        self, kind: str, timeout_s: float, progress: tuple[LoadConfig, float, str] | None = None
+    ) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = []
+        deadline = time.time() + timeout_s
+        last = 0.0
+        while len(parts) < self.processes:
+            with contextlib.suppress(queue.Empty):  # nothing yet: report progress
+                part = self._results.get(timeout=0.5)
+                if part.get("kind") == "failed":
+                    raise RuntimeError(f"load worker {part['index']} failed:\n{part['traceback']}")
+                parts.append(part)
+            dead = [w.exitcode for w in self._workers if w.exitcode is not None]
+            if dead and self._results.empty():
+                raise RuntimeError(f"a load worker exited (code {dead[0]}) before its {kind!r} message")
+            if time.time() > deadline:
+                raise TimeoutError(f"load workers sent no {kind!r} message within {timeout_s:.0f} s")
+            if progress is not None:
+                stage, start_at, label = progress
+                elapsed = time.time() - start_at
+                if elapsed - last >= 1.0:
+                    last = elapsed
+                    print(
+                        f"loadtest{label}: {min(max(elapsed, 0.0), stage.duration):5.1f}"
+                        f"/{stage.duration:.0f} s  "
+                        f"sent {self._sent.value}  answered {self._done.value}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        return parts
+
+
+def _server_process_stats(target: str) -> dict[str, Any] | None:
+    """The server's ``process`` section of GetRoutingStats (its CPU time), or None if it has none."""
+    from serving.edge.client import RecommenderClient
+
+    async def fetch() -> dict[str, Any] | None:
+        async with RecommenderClient(target) as client:
+            stats = await client.routing_stats(timeout_s=30.0)
+        process = stats.get("process")
+        return dict(process) if isinstance(process, dict) else None
+
+    try:
+        return asyncio.run(fetch())
+    except Exception:  # a server without the section, or one that stopped: the report says so
+        return None
+
+
+# -- the worker process ---------------------------------------------------------------------
 
 
 def _worker(
-    config: LoadConfig,
-    index: int,
-    sent: Any,
-    done: Any,
-    ready: Any,
-    start_at: Any,
-    results: Any,
+    config: LoadConfig, index: int, processes: int, commands: Any, results: Any, sent: Any, done: Any
 ) -> None:
     try:
-        results.put(asyncio.run(_drive(config, index, sent, done, ready, start_at)))
-    except BaseException:  # the parent must hear of it, not wait for a report that never comes
-        results.put({"index": index, "failed": traceback.format_exc()})
+        asyncio.run(_serve_stages(config, index, processes, commands, results, sent, done))
+    except BaseException:  # the parent must hear of it, not wait for a message that never comes
+        results.put({"kind": "failed", "index": index, "traceback": traceback.format_exc()})
         raise
 
 
-async def _drive(
-    config: LoadConfig, index: int, sent: Any, done: Any, ready: Any, start_at: Any
-) -> dict[str, Any]:
-    # Imported in the worker only: the parent process needs none of the client stack.
-    import grpc
-
-    from dlrm.world import WorldConfig
-    from serving.domain import Query
+async def _serve_stages(
+    config: LoadConfig, index: int, processes: int, commands: Any, results: Any, sent: Any, done: Any
+) -> None:
+    # Imported in the worker only: the parent process needs none of the world or the client stack.
+    from dlrm.world import World, WorldConfig
     from serving.edge.client import RecommenderClient
 
-    rng = np.random.default_rng([config.seed, index])
-    offsets = arrival_offsets(config.rps / config.processes, config.duration, config.arrivals, rng)
-    world = WorldConfig.load(Path(config.world) if config.world else None)
-    shares = np.array([s.share for s in world.surfaces])
-    surfaces = rng.choice(len(world.surfaces), size=len(offsets), p=shares / shares.sum())
-    users = rng.zipf(1.0 + max(world.user_activity_zipf - 1.0, 0.05), size=len(offsets)) - 1
-    histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
-    errors: Counter[str] = Counter()
-    paths: Counter[str] = Counter()
-    lags: list[float] = []
-    timeout_s = config.deadline_ms / 1000.0
-
+    world = World(WorldConfig.load(Path(config.world) if config.world else None))
+    loop = asyncio.get_running_loop()
     async with RecommenderClient(config.target) as client:
-        await client.routing_stats(timeout_s=30.0)  # connected and serving before the clock starts
-        await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120.0)
-        await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10.0)
-        t0 = start_at.value
+        await client.routing_stats(timeout_s=60.0)  # connected and serving before any clock starts
+        results.put({"kind": "ready", "index": index})
+        while True:
+            command = await loop.run_in_executor(None, commands.get)
+            if command is None:
+                return
+            _, stage, tag = command
+            run = _Run(world, client, stage, index, processes, tag, sent, done)
+            results.put({"kind": "prepared", "index": index})
+            _, start_at = await loop.run_in_executor(None, commands.get)
+            results.put({"kind": "report", "index": index, **await run.drive(start_at)})
+
+
+class _Run:
+    """One worker's share of one stage: its schedule, its encoded requests, what came back."""
+
+    def __init__(
+        self,
+        world: Any,
+        client: Any,
+        stage: LoadConfig,
+        index: int,
+        processes: int,
+        tag: str,
+        sent: Any,
+        done: Any,
+    ) -> None:
+        from serving.edge.convert import encode_query
+
+        self.world = world
+        self.client = client
+        self.stage = stage
+        self.sent = sent
+        self.done = done
+        rng = np.random.default_rng([stage.seed, index])
+        self.outcome_rng = np.random.default_rng([stage.seed, index, 1])
+        self.offsets = arrival_offsets(
+            stage.rps / processes, stage.duration, stage.arrivals, rng, stage.profile, stage.peak
+        )
+        self.requests = world.sample_requests(len(self.offsets), rng)
+        queries = world_queries(world, self.requests, f"lt{tag}-{index}", stage.k, stage.candidates)
+        self.request_ids = [q.request_id for q in queries]
+        self.payloads = [encode_query(q) for q in queries]
+        n = len(self.offsets)
+        self.latency_ms = np.full(n, np.nan, dtype=np.float32)
+        self.path = np.full(n, "", dtype=object)
+        self.error = np.full(n, "", dtype=object)
+        self.slates: dict[int, np.ndarray] = {}
+        self.expected = np.full(n, np.nan)
+        """Expected dollars of each answered request's slate under the world's ground truth."""
+        self.realised = np.full(n, np.nan)
+        """Dollars in the outcomes drawn for it."""
+        self.histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
+        self.refused = HdrHistogram(1, MAX_LATENCY_US, 3)
+        self.unreported: list[int] = []
+        self.outcome_counts: Counter[str] = Counter()
+        self.lags: list[float] = []
+
+    async def drive(self, start_at: float) -> dict[str, Any]:
+        import grpc
+
+        timeout_s = self.stage.deadline_ms / 1000.0
 
         async def one(i: int, intended: float) -> None:
-            query = Query(
-                request_id=f"lt{config.seed}-{index}-{i}",
-                user_id=int(users[i] % 1_000_000),
-                surface=world.surfaces[int(surfaces[i])].name,
-                sparse={},
-                dense={},
-                k=config.k,
-                num_candidates=config.candidates,
-            )
             try:
-                rec = await client.recommend(query, timeout_s=timeout_s)
+                reply = await self.client.recommend_encoded(self.payloads[i], timeout_s=timeout_s)
             except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
+                self.error[i] = exc.code().name
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.refused.record_value(max(1, int((time.time() - intended) * 1e6)))
             else:
-                histogram.record_value(max(1, int((time.time() - intended) * 1e6)))
-                paths[rec.path] += 1
-            with done.get_lock():
-                done.value += 1
+                latency = time.time() - intended
+                self.histogram.record_value(max(1, int(latency * 1e6)))
+                self.latency_ms[i] = latency * 1000.0
+                self.path[i] = reply.path
+                self.slates[i] = reply.item_ids
+                self.unreported.append(i)
+            with self.done.get_lock():
+                self.done.value += 1
 
+        reporter = asyncio.create_task(self._report_outcomes_every(self.stage.outcome_batch_ms / 1000.0))
         tasks = []
-        for i, offset in enumerate(offsets):
-            intended = t0 + float(offset)
+        for i, offset in enumerate(self.offsets):
+            intended = start_at + float(offset)
             wait = intended - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            lags.append(max(0.0, time.time() - intended) * 1000.0)
+            self.lags.append(max(0.0, time.time() - intended) * 1000.0)
             tasks.append(asyncio.create_task(one(i, intended)))
-            with sent.get_lock():
-                sent.value += 1
+            with self.sent.get_lock():
+                self.sent.value += 1
         await asyncio.gather(*tasks)
-    return {
-        "histogram": histogram.encode().decode("ascii"),
-        "offered": len(offsets),
-        "errors": dict(errors),
-        "paths": dict(paths),
-        "late_sends": int(sum(lag > LATE_MS for lag in lags)),
-        "max_lag_ms": max(lags, default=0.0),
-    }
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+        await self._report_outcomes()  # what the last interval left
+        return self._result()
 
+    async def _report_outcomes_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._report_outcomes()
 
-def merge(config: LoadConfig, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report from the workers' results (histograms added, counters summed)."""
-    histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
-    errors: Counter[str] = Counter()
-    paths: Counter[str] = Counter()
-    for part in parts:
-        histogram.decode_and_add(part["histogram"])
-        errors.update(part["errors"])
-        paths.update(part["paths"])
-    offered = sum(p["offered"] for p in parts)
-    ok = histogram.get_total_count()
-    late = sum(p["late_sends"] for p in parts)
-    return {
-        "config": asdict(config),
-        "offered": offered,
-        "offered_rps": offered / config.duration,
-        "ok": ok,
-        "achieved_rps": ok / config.duration,
-        "latency_ms": {
-            name: histogram.get_value_at_percentile(pct) / 1000.0
-            for name, pct in (("p50", 50), ("p90", 90), ("p99", 99), ("p99.9", 99.9))
+    async def _report_outcomes(self) -> None:
+        rows, self.unreported = self.unreported, []
+        if not rows:
+            return
+        idx = np.asarray(rows)
+        values = slate_values(
+            self.world,
+            self.requests.take(idx),
+            [self.request_ids[i] for i in rows],
+            [self.slates[i] for i in rows],
+            self.outcome_rng,
+        )
+        self.expected[idx] = values.expected
+        self.realised[idx] = values.realised
+        if not self.stage.outcomes or not values.outcomes:
+            return
+        self.outcome_counts["sent"] += len(values.outcomes)
+        for start in range(0, len(values.outcomes), 5000):
+            await self._send(values.outcomes[start : start + 5000])
+
+    async def _send(self, outcomes: list[Any], attempts: int = 6) -> None:
+        import grpc
+
+        for attempt in range(attempts):
+            try:
+                report = await self.client.report_outcomes(outcomes, timeout_s=5.0)
+            except grpc.aio.AioRpcError as exc:
+                self.outcome_counts[f"refused_{exc.code().name}"] += len(outcomes)
+                if exc.code().name not in RETRIED_CODES or attempt == attempts - 1:
+                    self.outcome_counts["failed"] += len(outcomes)
+                    return
+                self.outcome_counts["retried"] += len(outcomes)
+                await asyncio.sleep(0.05 * 2**attempt)
+            else:
+                self.outcome_counts["accepted"] += report.accepted
+                self.outcome_counts["duplicates"] += report.duplicates
+                self.outcome_counts["unknown_requests"] += report.unknown_requests
+                return
+
+    def _result(self) -> dict[str, Any]:
+        surfaces = np.array(self.world.surface_names, dtype=object)[self.requests.surface]
+        return {
+            "histogram": self.histogram.encode().decode("ascii"),
+            "refused_histogram": self.refused.encode().decode("ascii"),
+            "offsets": self.offsets.astype(np.float32),
+            "latency_ms": self.latency_ms,
+            "path": self.path.astype(str),
+            "error": self.error.astype(str),
+            "surface": surfaces.astype(str),
+            "expected": self.expected,
+            "realised": self.realised,
+            "outcomes": dict(self.outcome_counts),
+            "late_sends": int(sum(lag > LATE_MS for lag in self.lags)),
+            "max_lag_ms": max(self.lags, default=0.0),
         }
-        | {"max": histogram.get_max_value() / 1000.0},
-        "errors": dict(errors),
-        "error_share": sum(errors.values()) / offered if offered else 0.0,
-        "paths": dict(paths),
-        "generator": {
-            "late_sends": late,
-            "max_lag_ms": max((p["max_lag_ms"] for p in parts), default=0.0),
-            "kept_up": late <= 0.001 * max(offered, 1),
-        },
-    }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    lat = report["latency_ms"]
-    gen = report["generator"]
-    lines = [
-        f"offered {report['offered_rps']:.1f} req/s ({report['offered']} requests), "
-        f"ok {report['achieved_rps']:.1f} req/s",
-        "latency ms (from intended send): " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()),
-        f"errors {report['errors'] or 0}  paths {report['paths']}",
-        f"generator: {gen['late_sends']} sends more than {LATE_MS:g} ms late (max {gen['max_lag_ms']:.1f} ms)"
-        + ("" if gen["kept_up"] else "  -- it did NOT keep up with the offered rate"),
-    ]
-    return "\n".join(lines)

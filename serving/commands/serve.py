@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faiss
+
 from dlrm.configs import add_flags, from_flags
 from dlrm.train import train_world
 from dlrm.world import WorldConfig
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     # The root logger may have a handler already (torch installs one): then only our level is set.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(args.log_level.upper())
+
+    # One OpenMP thread for Faiss: retrieval is batched on one worker thread already, and a
+    # second OpenMP worker would take a core from the event loop and the model thread.
+    faiss.omp_set_num_threads(1)
 
     def load() -> ServingAssets:
         if world is None:

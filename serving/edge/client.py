@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 
-from serving.domain import Outcome, OutcomeReport, Path_, Query, Recommendation, ScoreResult
+from serving.domain import Outcome, OutcomeReport, Path_, Query, Recommendation, ScoreResult, SlateReply
 from serving.edge import convert
-from serving.edge.servicer import stub
+from serving.edge.servicer import RECOMMEND_METHOD, stub
 
 
 class RecommenderClient:
@@ -21,6 +21,10 @@ class RecommenderClient:
         self.target = target
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = stub(self._channel)
+        # Pre-encoded requests in, slates out: the load generator's lean path (bytes pass through).
+        self._recommend_encoded = self._channel.unary_unary(
+            RECOMMEND_METHOD, request_serializer=None, response_deserializer=convert.slate_reply
+        )
 
     async def __aenter__(self) -> RecommenderClient:
         return self
@@ -36,6 +40,11 @@ class RecommenderClient:
     async def recommend(self, query: Query, timeout_s: float | None = None) -> Recommendation:
         resp = await self._stub.Recommend(convert.query_request(query), timeout=timeout_s)
         return convert.recommendation(resp)
+
+    async def recommend_encoded(self, data: bytes, timeout_s: float | None = None) -> SlateReply:
+        """Recommend with a request already encoded by ``convert.encode_query``."""
+        reply: SlateReply = await self._recommend_encoded(data, timeout=timeout_s)
+        return reply
 
     async def score(self, query: Query, path: Path_ = "full", timeout_s: float | None = None) -> ScoreResult:
         resp = await self._stub.Score(convert.score_request(query, path), timeout=timeout_s)

@@ -33,6 +33,7 @@ from serving.domain import (
     Query,
     Recommendation,
     ScoreResult,
+    SlateReply,
     Timings,
 )
 from serving.errors import InvalidArgument
@@ -288,6 +289,22 @@ def query_request(query: Query) -> pb.RecommendRequest:
         dense=query.dense,
         request_id=query.request_id,
         force_path=query.force_path or "",
+    )
+
+
+def encode_query(query: Query) -> bytes:
+    """A Recommend request's wire bytes: a load generator encodes its traffic before its clock starts."""
+    return bytes(query_request(query).SerializeToString())
+
+
+def slate_reply(data: bytes) -> SlateReply:
+    """The slate of a Recommend answer's wire bytes (what ``encode_query``'s caller reads back)."""
+    resp = pb.RecommendResponse.FromString(data)
+    return SlateReply(
+        resp.request_id,
+        _path("path", resp.path, PATHS) or "full",
+        np.fromiter((item.item_id for item in resp.items), dtype=np.int64, count=len(resp.items)),
+        resp.routing.reason,
     )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ import grpc
 
 from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
+from serving.domain import Recommendation
 from serving.edge import convert
 from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded, Unavailable
 from serving.pipeline import Pipeline
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 """``valuerank.v1.Recommender``: the name health checks and reflection know it by."""
+RECOMMEND_METHOD = f"/{SERVICE_NAME}/Recommend"
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -111,6 +115,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if self.pipeline is None:
             raise NotReady("model and index are still loading")
         return self.pipeline
+
+
+class CannedRecommenderServicer(pb_grpc.RecommenderServicer):
+    """The transport's limit: answers every Recommend with one prebuilt response of the real size
+    (``valuerank bench capacity`` measures it beside the real server); GetRoutingStats reports
+    only the process's CPU time, as the real server's ``process`` section does."""
+
+    def __init__(self, recommendation: Recommendation) -> None:
+        self.response = convert.recommend_response(recommendation)
+
+    async def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        return self.response
+
+    async def GetRoutingStats(
+        self, request: pb.GetRoutingStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRoutingStatsResponse:
+        return convert.routing_stats_response({"process": {"pid": os.getpid(), "cpu_s": time.process_time()}})
 
 
 def _deadline(pipeline: Pipeline, context: grpc.aio.ServicerContext) -> float | None:
