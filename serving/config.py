@@ -62,6 +62,10 @@ class ServeConfig:
     """Let several processes share the port (``grpc.so_reuseport``); off, a busy port is an error."""
     max_outcomes: int = MAX_OUTCOMES
     """Most outcomes accepted in one ReportOutcomes call."""
+    metrics_port: int | None = None
+    """HTTP port of the Prometheus metrics (``/metrics``; 0 picks a free one); None: no metrics port."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the metrics port: localhost unless told otherwise."""
     decision_log: str | None = None
     """Append every routing decision and outcome to this JSONL file (``serving.decision_log``) for
     off-policy evaluation with ``valuerank replay --log``; None: no log."""
@@ -82,6 +86,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"{self.port=} must be in 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"{self.metrics_port=} must be in 0..65535")
         if self.grace_s < 0:
             raise ValueError(f"{self.grace_s=} must be >= 0")
         if self.max_outcomes < 1:

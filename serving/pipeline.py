@@ -44,6 +44,7 @@ from serving.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from serving.fallback import FallbackSlates
 from serving.features import FeatureResolver
 from serving.feedback import RoutingFeedback
+from serving.metrics import ServingMetrics
 from serving.ranking import ranking_keys, top_k
 from serving.retriever import Retriever
 from serving.revenue.tracker import RevenueTracker
@@ -137,6 +138,7 @@ class Pipeline:
             fallback = FallbackSlates.seeded(catalog.user_vectors, catalog.item_vectors, item_values)
         self.fallback = fallback
         self._refresher: asyncio.Task[None] | None = None
+        self.metrics = ServingMetrics(self.routing_stats)
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -171,6 +173,7 @@ class Pipeline:
         finally:
             self.admission.in_flight -= 1
         self.admission.counts[f"answered_{recommendation.path}"] += 1
+        self.metrics.observe(recommendation, query.surface)
         return recommendation
 
     async def _recommend(self, query: Query, started: float, t0: float, budget_end: float) -> Recommendation:

@@ -33,6 +33,8 @@ from loadtest.live.loadgen import LoadConfig, LoadWorkers
 from loadtest.live.servers import ServerProcess, start_canned, start_serve
 
 MAX_ERROR_SHARE = 0.001
+MIN_RPS = 10.0
+"""A search that fails even here reports capacity 0."""
 OVERLOAD_FACTORS = (1.0, 1.67, 3.0, 10.0)
 SEARCH_PROCESSES = 2
 """Load-generator processes of a search: enough for the rates one 2-core machine can offer."""
@@ -119,6 +121,11 @@ def find_capacity(
         failed_at = rps
         generator_limited = not report["generator"]["kept_up"] and report["error_share"] < MAX_ERROR_SHARE
         break
+    while best is None and rps / 1.6 >= MIN_RPS:  # the first rate already failed: come down
+        high, rps = rps, rps / 1.6
+        report = step(rps)
+        if passes(report, slo_ms):
+            best, failed_at = (rps, report), high
     low = best[0] if best else 0.0
     high = failed_at if failed_at is not None else rps
     for _ in range(refine if best is not None and failed_at is not None else 0):

@@ -149,7 +149,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"outcomes sent {out.get('sent', 0)}, accepted {out.get('accepted', 0)}, "
         f"duplicates {out.get('duplicates', 0)}, failed {out.get('failed', 0)}",
         "server CPU per request: " + ("unknown" if cpu is None else f"{cpu:.3f} ms"),
-        f"generator: {gen['processes']} processes, {gen['late_sends']} sends more than 5 ms late "
+        f"generator: {gen['processes']} processes, {gen['late_sends']} sends more than 20 ms late "
         f"(max {gen['max_lag_ms']:.1f} ms)"
         + ("" if gen["kept_up"] else "  -- it did NOT keep up with the offered rate"),
     ]

@@ -100,6 +100,8 @@ async def _serve(load: Callable[[], ServingAssets], config: ServeConfig) -> int:
             print(f"serve: error: loading failed: {ready.exception()}", file=sys.stderr)
             code = 1
         else:
+            if server.metrics_port is not None:
+                print(f"metrics on http://{config.metrics_host}:{server.metrics_port}/metrics", flush=True)
             print(f"serving on {server.address}", flush=True)
             await stopping
     log.info("stopping (grace %.1f s)", config.grace_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from serving.assembly import build_pipeline
 from serving.assets import ServingAssets
@@ -69,6 +71,9 @@ class RunningServer:
         self.port = port
         self._loading: asyncio.Task[None] | None = None
         self._stopped = False
+        self._metrics_http: Any = None
+        self.metrics_port: int | None = None
+        """The Prometheus port once serving (``config.metrics_port``; None: no metrics)."""
 
     @property
     def address(self) -> str:
@@ -93,6 +98,9 @@ class RunningServer:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         if self._loading is not None:
             self._loading.cancel()  # a loader thread still running runs on; nobody uses its result
             await asyncio.gather(self._loading, return_exceptions=True)
@@ -111,7 +119,18 @@ class RunningServer:
         if self._stopped:
             await loaded.close()
             return
+        # The model, index and catalog are hundreds of thousands of long-lived objects; a full
+        # collection walking them stalls the event loop for tens of milliseconds. Frozen, the
+        # collector only ever walks what requests allocate.
+        gc.collect()
+        gc.freeze()
         self.servicer.set_pipeline(loaded)
+        if self.config.metrics_port is not None:
+            # A thread of its own serves /metrics; a scrape reads the pipeline's counters there.
+            self._metrics_http, _ = start_http_server(
+                self.config.metrics_port, self.config.metrics_host, registry=loaded.metrics.registry
+            )
+            self.metrics_port = int(self._metrics_http.server_port)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING %s on %s (model %s)", SERVICE_NAME, self.address, loaded.model_version)
