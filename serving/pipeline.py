@@ -347,9 +347,14 @@ class Pipeline:
     # -- Outcomes and stats -------------------------------------------------------------------
 
     async def report_outcomes(self, outcomes: list[Outcome]) -> OutcomeReport:
-        # The tracker makes outcomes durable (file fsync or Redis) before it returns: off-loop.
+        # The tracker makes outcomes durable (file fsync or Redis) before it returns, and the
+        # router's learning is Python per outcome: both off the loop, on the outcome thread, so a
+        # large batch never stalls the requests queued behind it.
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(self._outcome_pool, self.tracker.record_outcomes, outcomes)
+        return await loop.run_in_executor(self._outcome_pool, self._record_outcomes, outcomes)
+
+    def _record_outcomes(self, outcomes: list[Outcome]) -> OutcomeReport:
+        report = self.tracker.record_outcomes(outcomes)
         # Only after they are durable: the router learns each (request, item, event) once.
         self.feedback.outcomes(outcomes)
         if self.decision_log is not None:

@@ -49,6 +49,8 @@ scheduler slices (several busy processes on 2 cores) and are in the measured lat
 which runs from the intended time; a send 20 ms late means the generator is falling behind."""
 RPS_PER_PROCESS = 700.0
 """Offered rate one worker process sends comfortably (``processes=0`` divides by it)."""
+OUTCOMES_PER_CALL = 500
+"""Outcomes per ReportOutcomes call: a feed service's batch, not a whole second's events."""
 RETRIED_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 """ReportOutcomes failures that are retried: nothing was acknowledged, or it may have been (dedup)."""
 
@@ -320,6 +322,7 @@ class _Run:
         self.refused = HdrHistogram(1, MAX_LATENCY_US, 3)
         self.unreported: list[int] = []
         self.outcome_counts: Counter[str] = Counter()
+        self.stopping = False
         self.lags: list[float] = []
 
     async def drive(self, start_at: float) -> dict[str, Any]:
@@ -356,14 +359,13 @@ class _Run:
             with self.sent.get_lock():
                 self.sent.value += 1
         await asyncio.gather(*tasks)
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
+        self.stopping = True  # the reporter ends its round (a cancel could drop a batch in flight)
+        await reporter
         await self._report_outcomes()  # what the last interval left
         return self._result()
 
     async def _report_outcomes_every(self, interval_s: float) -> None:
-        while True:
+        while not self.stopping:
             await asyncio.sleep(interval_s)
             await self._report_outcomes()
 
@@ -372,7 +374,11 @@ class _Run:
         if not rows:
             return
         idx = np.asarray(rows)
-        values = slate_values(
+        # The world's ground truth is numpy and Python loops over the slates: on a thread, so the
+        # sending loop keeps its schedule.
+        values = await asyncio.get_running_loop().run_in_executor(
+            None,
+            slate_values,
             self.world,
             self.requests.take(idx),
             [self.request_ids[i] for i in rows],
@@ -384,8 +390,8 @@ class _Run:
         if not self.stage.outcomes or not values.outcomes:
             return
         self.outcome_counts["sent"] += len(values.outcomes)
-        for start in range(0, len(values.outcomes), 5000):
-            await self._send(values.outcomes[start : start + 5000])
+        for start in range(0, len(values.outcomes), OUTCOMES_PER_CALL):
+            await self._send(values.outcomes[start : start + OUTCOMES_PER_CALL])
 
     async def _send(self, outcomes: list[Any], attempts: int = 6) -> None:
         import grpc
