@@ -107,7 +107,7 @@ def find_capacity(
 
     # Warm-up, not counted: first calls pay for lazy set-up (threads, allocator, the batcher's
     # first estimates) that a serving fleet has long paid.
-    workers.run(replace(base, rps=start_rps / 2, duration=min(step_s, 2.0), profile="steady"), label=label)
+    workers.run(replace(base, rps=start_rps, duration=max(step_s, 3.0), profile="steady"), label=label)
     best: tuple[float, dict[str, Any]] | None = None
     failed_at: float | None = None
     generator_limited = False
