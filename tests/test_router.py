@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -227,6 +228,34 @@ def test_value_aware_spends_the_budget_on_the_surface_that_gains() -> None:
     stats = router.stats()
     assert stats["segments"]["shop/0"]["model_uplift"] > stats["segments"]["chat/0"]["model_uplift"]
     assert 0.0 <= stats["budget_use"] < 2.0
+
+
+def test_queueing_delay_raises_lambda_and_moves_requests_down_never_up() -> None:
+    clock = ManualClock()
+    router = _router(clock, epsilon=0.0, pressure_ms=10.0)
+    rng = np.random.default_rng(1)
+    _serve(router, clock, 3000, rng)  # the value model has learnt: shop gains, chat hardly
+    probe = [_ctx(10_000 + i, int(rng.random() < 0.5), 0, rng) for i in range(400)]
+
+    def decided(delay_s: float) -> list:
+        return [router.decide(dataclasses.replace(ctx, queue_delay_s=delay_s)) for ctx in probe]
+
+    idle, queued = decided(0.0), decided(0.006)  # lambda x 1.6 at a 6 ms wait
+    # The rule's own choices: the guardrail (a segment's cheap share at its cap) overrides it.
+    ruled = np.array(
+        [not (a.reason + b.reason).count("guardrail") for a, b in zip(idle, queued, strict=True)]
+    )
+    full_idle = np.array([d.path == "full" for d in idle]) & ruled
+    full_queued = np.array([d.path == "full" for d in queued]) & ruled
+    uplift = np.array([d.estimated_uplift for d in idle])
+    assert ruled.mean() > 0.8
+    assert full_queued.sum() < 0.7 * full_idle.sum()  # load moves requests down
+    assert not np.any(full_queued & ~full_idle)  # and never up
+    moved = full_idle & ~full_queued
+    # Those moved are the ones whose uplift no longer pays the dearer millisecond.
+    threshold = np.array([d.lam * 1.6 for d in queued]) * router.costs.extra_ms
+    assert np.all(uplift[moved] <= threshold[moved] + 1e-9)
+    assert any("full path wait 6.0 ms" in d.reason for d in queued)
 
 
 def test_exploration_propensities_match_the_empirical_shares_and_make_ips_unbiased() -> None:
