@@ -74,6 +74,35 @@ def test_batcher_predicts_no_wait_when_idle_and_the_queue_when_busy() -> None:
     assert behind_three == pytest.approx(busy + 3 * 0.2, abs=0.05)
 
 
+def test_without_a_timeout_batches_still_grow_from_what_queues_during_a_batch() -> None:
+    gate = threading.Event()
+    sizes: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) == 1 and not gate.wait(GATE_S):
+            raise TimeoutError("the test never opened the gate")
+        return [2 * i for i in items]
+
+    async def scenario() -> list[Any]:
+        with ThreadPoolExecutor(1) as pool:
+            batcher: MicroBatcher[int, int] = MicroBatcher(slow, pool, max_batch_size=4, timeout_s=0.0)
+            first = asyncio.ensure_future(batcher.submit(0))
+            while not sizes:
+                await asyncio.sleep(0.001)  # the first batch (of one) is computing
+            rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
+            await asyncio.sleep(0)
+            gate.set()
+            results = await asyncio.gather(first, *rest)
+            await batcher.close()
+            return results
+
+    results = asyncio.run(scenario())
+    assert [r.value for r in results] == [2 * i for i in range(7)]
+    assert sizes == [1, 4, 2]  # six queued behind the first: batches of the most allowed, in order
+    assert [r.batch_size for r in results] == [1, 4, 4, 4, 4, 2, 2]
+
+
 # -- arrival -------------------------------------------------------------------------------
 
 
