@@ -1,10 +1,13 @@
 """Admission: answer within the request's budget, degrading by tier, or refuse at once.
 
-A request's budget is the smaller of its deadline and the SLO. On arrival it is refused
+A request's budget is the smaller of its deadline and what is left of the SLO after the time it
+queued before the server saw it (the caller's ``x-request-start`` header, when it sends one:
+kernel and gRPC-core queues are invisible from inside). On arrival it is refused
 (``Overloaded``, RESOURCE_EXHAUSTED with a retry hint, in well under a millisecond) only when
-even the fallback could not answer in time: too many requests already inside, or an event loop
-so far behind (``loop_lag_s``, how late a short timer fires) that any answer would be late
-(DEADLINE_EXCEEDED when it is the request's own deadline that is too close to meet).
+even the fallback could not answer in time: it already queued the whole SLO, too many requests
+are already inside, or an event loop so far behind (``loop_lag_s``, how late a short timer
+fires) that any answer would be late (DEADLINE_EXCEEDED when it is the request's own deadline
+that is too close to meet).
 Otherwise it moves down the ladder as its predicted waits require:
 
     full      the router chose it and the model batcher's predicted wait fits the budget
@@ -81,11 +84,17 @@ class Admission:
                 await self._probe
             self._probe = None
 
-    def admit(self, deadline_left_s: float | None) -> float:
-        """The request's budget in seconds, or ``Overloaded`` when not even the fallback fits."""
+    def admit(self, deadline_left_s: float | None, queued_s: float = 0.0) -> float:
+        """The request's budget in seconds, or ``Overloaded`` when not even the fallback fits.
+
+        ``queued_s``: how long the call waited before the server saw it (``x-request-start``),
+        spent from the SLO; a call that already waited the whole SLO is refused at once.
+        """
         config = self.config
         reason = None
-        if self.in_flight >= config.max_in_flight:
+        if queued_s * 1000.0 >= config.slo_ms:
+            reason, why = "refused_queued", f"queued {queued_s * 1000.0:.0f} ms before the server saw it"
+        elif self.in_flight >= config.max_in_flight:
             reason, why = "refused_in_flight", f"{self.in_flight} requests in flight"
         elif self.loop_lag_s * 1000.0 > config.max_loop_lag_ms:
             reason, why = "refused_lag", f"event loop {self.loop_lag_s * 1000.0:.0f} ms behind"
@@ -97,7 +106,7 @@ class Admission:
             self.counts[reason] += 1
             raise Overloaded(f"overloaded: {why}; retry in {config.retry_after_ms} ms", config.retry_after_ms)
         self.counts["admitted"] += 1
-        budget = config.slo_ms / 1000.0
+        budget = config.slo_ms / 1000.0 - max(queued_s, 0.0)
         return budget if deadline_left_s is None else min(budget, deadline_left_s)
 
     def stats(self) -> dict[str, Any]:

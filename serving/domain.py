@@ -35,6 +35,10 @@ class Query:
     force_path: Path_ | None = None
     deadline: float | None = None
     """Absolute deadline on the pipeline's clock, or None."""
+    request_start: float | None = None
+    """Unix time the caller (or its proxy on the same host) sent the call, from the
+    ``x-request-start`` header: admission counts the time since as queueing the server could
+    not see (kernel and gRPC queues before the handler). None: not sent."""
     item_ids: tuple[int, ...] = ()
     """Score only: the caller's candidates."""
 

@@ -168,7 +168,8 @@ class Pipeline:
         t0 = time.perf_counter()
         self._start_background()
         left = None if query.deadline is None else query.deadline - started
-        budget_end = t0 + self.admission.admit(left)  # or Overloaded, before any work
+        queued = 0.0 if query.request_start is None else max(time.time() - query.request_start, 0.0)
+        budget_end = t0 + self.admission.admit(left, queued)  # or Overloaded, before any work
         self.admission.in_flight += 1
         try:
             recommendation = await self._recommend(query, started, t0, budget_end)

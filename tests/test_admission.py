@@ -22,8 +22,9 @@ from serving.assembly import build_pipeline
 from serving.batching import MicroBatcher
 from serving.config import ScoringConfig, ServeConfig
 from serving.domain import Query
+from serving.edge import convert
 from serving.edge.servicer import RETRY_PUSHBACK_KEY
-from serving.errors import DeadlineExceeded, Overloaded
+from serving.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from serving.fallback import ALL_SEGMENTS, FallbackSlates
 from serving.pipeline import Pipeline, PipelineConfig
 from serving.routing.config import RouterConfig
@@ -118,6 +119,28 @@ def test_admission_refuses_beyond_in_flight_and_budgets_by_slo_and_deadline() ->
     with pytest.raises(DeadlineExceeded):
         admission.admit(0.0)
     assert admission.stats()["refused_in_flight"] == 1 and admission.stats()["refused_deadline"] == 1
+
+
+def test_time_queued_before_the_server_saw_the_call_is_spent_from_the_slo() -> None:
+    admission = Admission(AdmissionConfig(slo_ms=50.0))
+    assert admission.admit(None, queued_s=0.020) == pytest.approx(0.030)
+    with pytest.raises(Overloaded, match="queued 60 ms"):
+        admission.admit(1.0, queued_s=0.060)
+    assert admission.stats()["refused_queued"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(1.0, 4e9, allow_nan=False), st.booleans())
+def test_request_start_header_round_trips_and_bad_values_name_the_header(sent: float, bare: bool) -> None:
+    ((key, value),) = convert.request_start_metadata(sent)
+    assert key == convert.REQUEST_START_HEADER
+    text = value.removeprefix("t=") if bare else value
+    assert convert.request_start([("other", "x"), (key, text)]) == pytest.approx(sent, abs=1e-6)
+    assert convert.request_start([("other", "x")]) is None
+    for bad in ("soon", "t=", "t=-3", "t=nan"):
+        with pytest.raises(InvalidArgument) as err:
+            convert.request_start([(key, bad)])
+        assert err.value.field == convert.REQUEST_START_HEADER
 
 
 def test_a_loop_kept_busy_is_measured_and_new_requests_refused() -> None:
@@ -302,6 +325,16 @@ def test_a_refusal_is_resource_exhausted_with_a_retry_hint_over_grpc(
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert dict(refused.value.trailing_metadata())[RETRY_PUSHBACK_KEY] == "123"
         pipeline.admission.in_flight = 0
+        request = pb.RecommendRequest(user_id=3, surface=SURFACE, k=5)
+        assert len(stub.Recommend(request, timeout=10).items) == 5
+        # A call that queued a second before the server saw it (its x-request-start says so).
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Recommend(request, timeout=10, metadata=convert.request_start_metadata(time.time() - 1.0))
+        assert late.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued" in late.value.details()
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Recommend(request, timeout=10, metadata=(("x-request-start", "yesterday"),))
         assert (
-            len(stub.Recommend(pb.RecommendRequest(user_id=3, surface=SURFACE, k=5), timeout=10).items) == 5
+            bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-start" in bad.value.details()
         )
+        sent_now = convert.request_start_metadata(time.time())
+        assert len(stub.Recommend(request, timeout=10, metadata=sent_now).items) == 5

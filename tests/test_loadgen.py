@@ -190,3 +190,13 @@ def test_capacity_search_says_when_the_generator_was_the_limit() -> None:
     result = capacity.find_capacity(workers, LoadConfig(), 50.0, 1.0, 100.0, refine=2)  # type: ignore[arg-type]
     assert result["limited_by_generator"] and result["capacity_rps"] <= 900.0
     json.dumps(result)  # the report is JSON as it stands
+
+
+@pytest.mark.integration
+def test_the_generator_can_send_its_send_times_and_the_server_reads_them(grpc_server: str) -> None:
+    config = LoadConfig(
+        target=grpc_server, rps=30.0, duration=1.0, arrivals="constant", candidates=200, outcomes=False
+    )
+    report = run_load(replace(config, request_start=True))
+    # A malformed x-request-start would be INVALID_ARGUMENT; these queued far less than the SLO.
+    assert report["ok"] == 30 and report["errors"] == {}

@@ -79,6 +79,10 @@ class LoadConfig:
     """Report outcomes drawn from the world's ground truth for every shown slate."""
     outcome_batch_ms: float = 100.0
     """Outcomes are sent in one ReportOutcomes call per this many milliseconds."""
+    request_start: bool = False
+    """Send ``x-request-start`` (the send time) with each call, so the server spends the time a call
+    queued before it saw it from the SLO and refuses calls that queued past it. Off by default: on
+    a machine the generator shares, its own delays before the socket write count as queueing."""
     processes: int = 0
     """Worker processes sending the load (0: one per ~700 req/s of peak rate)."""
     seed: int = 0
@@ -332,7 +336,10 @@ class _Run:
 
         async def one(i: int, intended: float) -> None:
             try:
-                reply = await self.client.recommend_encoded(self.payloads[i], timeout_s=timeout_s)
+                sent_at = time.time() if self.stage.request_start else None
+                reply = await self.client.recommend_encoded(
+                    self.payloads[i], timeout_s=timeout_s, sent_at=sent_at
+                )
             except grpc.aio.AioRpcError as exc:
                 self.error[i] = exc.code().name
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:

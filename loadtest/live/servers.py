@@ -21,10 +21,6 @@ class ServerProcess:
         self.target = target
         self.exit_code: int | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -41,9 +41,13 @@ class RecommenderClient:
         resp = await self._stub.Recommend(convert.query_request(query), timeout=timeout_s)
         return convert.recommendation(resp)
 
-    async def recommend_encoded(self, data: bytes, timeout_s: float | None = None) -> SlateReply:
-        """Recommend with a request already encoded by ``convert.encode_query``."""
-        reply: SlateReply = await self._recommend_encoded(data, timeout=timeout_s)
+    async def recommend_encoded(
+        self, data: bytes, timeout_s: float | None = None, sent_at: float | None = None
+    ) -> SlateReply:
+        """Recommend with a request already encoded by ``convert.encode_query``; ``sent_at`` (Unix
+        time) goes in the ``x-request-start`` header, so the server sees how long it queued."""
+        metadata = None if sent_at is None else convert.request_start_metadata(sent_at)
+        reply: SlateReply = await self._recommend_encoded(data, timeout=timeout_s, metadata=metadata)
         return reply
 
     async def score(self, query: Query, path: Path_ = "full", timeout_s: float | None = None) -> ScoreResult:

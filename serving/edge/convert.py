@@ -53,7 +53,34 @@ _EVENTS = {
 # -- requests -> domain ----------------------------------------------------------------------
 
 
-def recommend_query(req: pb.RecommendRequest, deadline: float | None = None) -> Query:
+REQUEST_START_HEADER = "x-request-start"
+"""Metadata key of the send time: ``t=<unix seconds>`` (the form front proxies write), or the bare number."""
+
+
+def request_start(metadata: Any) -> float | None:
+    """The send time in a call's metadata (``(key, value)`` pairs), or None when it has none."""
+    for key, value in metadata or ():
+        if key == REQUEST_START_HEADER:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            try:
+                start = float(text.removeprefix("t="))
+            except ValueError:
+                raise InvalidArgument(
+                    REQUEST_START_HEADER, f"must be t=<unix seconds>, got {text!r}"
+                ) from None
+            if not math.isfinite(start) or start <= 0:
+                raise InvalidArgument(REQUEST_START_HEADER, f"must be a positive unix time, got {text!r}")
+            return start
+    return None
+
+
+def request_start_metadata(sent_at: float) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_START_HEADER, f"t={sent_at:.6f}"),)
+
+
+def recommend_query(
+    req: pb.RecommendRequest, deadline: float | None = None, request_start: float | None = None
+) -> Query:
     """A validated ``Query``; ``deadline`` is absolute, on the pipeline's clock."""
     if not 1 <= req.k <= MAX_K:
         raise InvalidArgument("k", f"must be in 1..{MAX_K}, got {req.k}")
@@ -71,6 +98,7 @@ def recommend_query(req: pb.RecommendRequest, deadline: float | None = None) -> 
         num_candidates=req.num_candidates,
         force_path=_path("force_path", req.force_path),
         deadline=deadline,
+        request_start=request_start,
     )
 
 

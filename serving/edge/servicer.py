@@ -88,7 +88,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
         pipeline = self._ready()
-        query = convert.recommend_query(request, _deadline(pipeline, context))
+        start = convert.request_start(context.invocation_metadata())
+        query = convert.recommend_query(request, _deadline(pipeline, context), start)
         return convert.recommend_response(await pipeline.recommend(query))
 
     @_status_errors
