@@ -97,7 +97,7 @@ class _SnapshotCollector(Collector):
             yield GaugeMetricFamily(
                 "valuerank_cache_hit_rate",
                 "Hot-row cache hit rate of the item embedding store",
-                _hit_rate(store),
+                _num(store.get("hit_rate")),
             )
         inferences = CounterMetricFamily(
             "valuerank_inferences", "Inferences by segment and path", labels=["segment", "path"]
@@ -129,9 +129,3 @@ def _num(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return number if math.isfinite(number) else 0.0
-
-
-def _hit_rate(store: dict[str, Any]) -> float:
-    hits = float(store.get("cache_hits", store.get("hits", 0.0)))
-    misses = float(store.get("cache_misses", store.get("misses", 0.0)))
-    return hits / (hits + misses) if hits + misses else 0.0

@@ -322,7 +322,8 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.admission.config.fallback_refresh_s)
-            await loop.run_in_executor(self._light_pool, self.fallback.refresh)
+            # Not on the retrieval thread: a refresh there would hold up the requests behind it.
+            await loop.run_in_executor(None, self.fallback.refresh)
 
     # -- Score --------------------------------------------------------------------------------
 
