@@ -60,6 +60,9 @@ class ServeConfig:
     """On stop, how long in-flight calls may take to finish before they are cancelled."""
     reuse_port: bool = False
     """Let several processes share the port (``grpc.so_reuseport``); off, a busy port is an error."""
+    workers: int = 1
+    """Server processes on the port (``serving.edge.workers``): one uses one core at most; N > 1
+    share one revenue tracker (the configured Redis, or a private ``redis-server`` it starts)."""
     max_outcomes: int = MAX_OUTCOMES
     """Most outcomes accepted in one ReportOutcomes call."""
     metrics_port: int | None = None
@@ -88,6 +91,8 @@ class ServeConfig:
             raise ValueError(f"{self.port=} must be in 0..65535")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"{self.metrics_port=} must be in 0..65535")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"{self.workers=} must be in 1..64")
         if self.grace_s < 0:
             raise ValueError(f"{self.grace_s=} must be >= 0")
         if self.max_outcomes < 1:

@@ -14,7 +14,6 @@ SLO) by the deepest tier whose predicted wait fits (full, cheap, then the fallba
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -376,8 +375,6 @@ class Pipeline:
                 name: {"batches": b.batches, "items": b.items, "queued": b.queue_depth}
                 for name, b in self._all_batchers()
             },
-            # The server's own CPU time: a load generator divides its growth by the requests sent.
-            "process": {"pid": os.getpid(), "cpu_s": time.process_time()},
         }
         store = self.scorers["full"].store_stats() if "full" in self.scorers else None
         if store is not None:

@@ -15,7 +15,8 @@ default admission, each warmed up with outcomes, and drives 1.0x, 1.67x, 3x and 
 ``valuerank bench capacity --json`` measures in one run the capacity of the bare transport (a
 ``grpc.aio`` server with a canned response of the real size, ``serving.edge.canned``) and of
 valuerank under always_full and always_cheap (K = 500, k = 10, p99 <= 30 ms, no degradation,
-no outcomes), each beside the transport as a ratio.
+no outcomes; ``--workers N``: valuerank as ``serve --workers N``, the transport one process as
+the issue defines it), each beside the transport as a ratio.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-rps", type=float, default=100.0, help="first rate of a search")
     parser.add_argument("--refine", type=int, default=3, help="bisection steps after the first failure")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts (--overload)")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers (--overload)")
 
 
 def run_search(args: argparse.Namespace, config: LoadConfig) -> int:
@@ -166,7 +168,7 @@ def _step_row(rps: float, report: dict[str, Any], ok: bool) -> dict[str, Any]:
 @contextmanager
 def _serving(args: argparse.Namespace, flags: list[str]) -> Iterator[ServerProcess]:
     model_dir, index_dir = artifact_dirs(args.artifacts, None)
-    server = start_serve(model_dir, index_dir, flags)
+    server = start_serve(model_dir, index_dir, [*flags, "--workers", str(args.workers)])
     try:
         yield server
     finally:
@@ -212,7 +214,7 @@ def overload(config: LoadConfig, args: argparse.Namespace) -> dict[str, Any]:
                     )
                     rows.append(_overload_row(policy, factor, report))
                     print(format_overload_row(rows[-1]), file=sys.stderr, flush=True)
-    return {"capacity": cap, "C_rps": c, "slo_ms": args.slo_ms, "rows": rows}
+    return {"capacity": cap, "C_rps": c, "slo_ms": args.slo_ms, "workers": args.workers, "rows": rows}
 
 
 def _overload_row(policy: str, factor: float, report: dict[str, Any]) -> dict[str, Any]:
@@ -301,25 +303,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="items per slate")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifacts folder")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the search steps")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers of valuerank (transport: 1)")
     args = parser.parse_args(argv)
     model_dir, index_dir = artifact_dirs(args.artifacts, None)
     base = LoadConfig(
         k=args.k, candidates=args.candidates, outcomes=False, processes=SEARCH_PROCESSES, arrivals="poisson"
     )
+    no_degrade = ["--no-degrade", "--workers", str(args.workers)]
     targets: list[tuple[str, Callable[[], ServerProcess], float]] = [
         ("transport", lambda: start_canned(args.k), 400.0),
         (
             "always_full",
-            lambda: start_serve(model_dir, index_dir, ["--policy", "always_full", "--no-degrade"]),
+            lambda: start_serve(model_dir, index_dir, ["--policy", "always_full", *no_degrade]),
             100.0,
         ),
         (
             "always_cheap",
-            lambda: start_serve(model_dir, index_dir, ["--policy", "always_cheap", "--no-degrade"]),
+            lambda: start_serve(model_dir, index_dir, ["--policy", "always_cheap", *no_degrade]),
             200.0,
         ),
     ]
     result: dict[str, Any] = {"slo_ms": args.slo_ms, "K": args.candidates, "k": args.k}
+    result["workers"] = args.workers
     for name, start, first in targets:
         with start() as server, LoadWorkers(replace(base, target=server.target)) as workers:
             result[name] = find_capacity(

@@ -85,6 +85,10 @@ class LoadConfig:
     a machine the generator shares, its own delays before the socket write count as queueing."""
     processes: int = 0
     """Worker processes sending the load (0: one per ~700 req/s of peak rate)."""
+    connections: int = 4
+    """TCP connections per worker process, requests spread over them in turn: several, as many
+    callers would open, so that a server of several processes on one port (``serve --workers``)
+    gets load on every one."""
     seed: int = 0
     """Seed of arrivals, requests and outcomes."""
     world: str | None = None
@@ -110,6 +114,8 @@ class LoadConfig:
             raise ValueError(f"{self.k=} and {self.candidates=} must satisfy 1 <= k <= candidates <= 10000")
         if not 0 <= self.processes <= 64:
             raise ValueError(f"{self.processes=} must be in 0..64")
+        if not 1 <= self.connections <= 64:
+            raise ValueError(f"{self.connections=} must be in 1..64")
 
     @property
     def peak_rps(self) -> float:
@@ -261,15 +267,21 @@ async def _serve_stages(
 
     world = World(WorldConfig.load(Path(config.world) if config.world else None))
     loop = asyncio.get_running_loop()
-    async with RecommenderClient(config.target) as client:
-        await client.routing_stats(timeout_s=60.0)  # connected and serving before any clock starts
+    # A local subchannel pool per client: its own TCP connection (gRPC shares one otherwise).
+    clients = [
+        RecommenderClient(config.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(config.connections)
+    ]
+    try:
+        for client in clients:  # connected and serving before any clock starts
+            await client.routing_stats(timeout_s=60.0)
         results.put({"kind": "ready", "index": index})
         while True:
             command = await loop.run_in_executor(None, commands.get)
             if command is None:
                 return
             _, stage, tag = command
-            run = _Run(world, client, stage, index, processes, tag, sent, done)
+            run = _Run(world, clients, stage, index, processes, tag, sent, done)
             results.put({"kind": "prepared", "index": index})
             _, start_at = await loop.run_in_executor(None, commands.get)
             # No collector pauses inside a measured stage (they would be counted as the server's
@@ -281,6 +293,9 @@ async def _serve_stages(
             finally:
                 gc.enable()
             results.put({"kind": "report", "index": index, **report})
+    finally:
+        for client in clients:
+            await client.close()
 
 
 class _Run:
@@ -289,7 +304,7 @@ class _Run:
     def __init__(
         self,
         world: Any,
-        client: Any,
+        clients: list[Any],
         stage: LoadConfig,
         index: int,
         processes: int,
@@ -300,7 +315,7 @@ class _Run:
         from serving.edge.convert import encode_query
 
         self.world = world
-        self.client = client
+        self.clients = clients
         self.stage = stage
         self.sent = sent
         self.done = done
@@ -337,7 +352,7 @@ class _Run:
         async def one(i: int, intended: float) -> None:
             try:
                 sent_at = time.time() if self.stage.request_start else None
-                reply = await self.client.recommend_encoded(
+                reply = await self.clients[i % len(self.clients)].recommend_encoded(
                     self.payloads[i], timeout_s=timeout_s, sent_at=sent_at
                 )
             except grpc.aio.AioRpcError as exc:
@@ -405,7 +420,8 @@ class _Run:
 
         for attempt in range(attempts):
             try:
-                report = await self.client.report_outcomes(outcomes, timeout_s=5.0)
+                client = self.clients[attempt % len(self.clients)]  # a retry may reach another worker
+                report = await client.report_outcomes(outcomes, timeout_s=5.0)
             except grpc.aio.AioRpcError as exc:
                 self.outcome_counts[f"refused_{exc.code().name}"] += len(outcomes)
                 if exc.code().name not in RETRIED_CODES or attempt == attempts - 1:

@@ -5,6 +5,7 @@ Serve a model and an index folder (``--model DIR --index DIR``), or the world's 
 port opens at once with health NOT_SERVING; ``serving on HOST:PORT`` is printed (stdout,
 flushed) once the model and index are loaded and health is SERVING. A signal stops the
 server gracefully: health NOT_SERVING, in-flight calls finish within ``--grace-s``.
+``--workers N`` runs N server processes on the port (``serving.edge.workers``).
 ``--item-store-config store.json`` serves the item-side embeddings from the Redis tier (pushed
 first by ``valuerank embeddings push``); GetRoutingStats then reports the store's counters.
 """
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     # second OpenMP worker would take a core from the event loop and the model thread.
     faiss.omp_set_num_threads(1)
 
+    if config.workers > 1:
+        return _serve_workers(config, list(sys.argv[1:] if argv is None else argv), args, world)
+
     def load() -> ServingAssets:
         if world is None:
             return ServingAssets.load(args.model, args.index)
@@ -90,6 +94,9 @@ async def _serve(load: Callable[[], ServingAssets], config: ServeConfig) -> int:
         server = await start_server(load, config)
     except OSError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a reuse-port worker loads before it binds
+        print(f"serve: error: loading failed: {exc}", file=sys.stderr)
         return 1
     ready = asyncio.ensure_future(server.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
@@ -109,6 +116,24 @@ async def _serve(load: Callable[[], ServingAssets], config: ServeConfig) -> int:
     stopping.cancel()
     await server.stop()
     return code
+
+
+def _serve_workers(
+    config: ServeConfig, argv: list[str], args: argparse.Namespace, world: WorldConfig | None
+) -> int:
+    from serving.edge.workers import run_workers
+
+    if world is None:
+        model, index = args.model, args.index
+    else:  # trained and built once here, not by every worker
+        from embeddings.index_stage import ensure_index
+
+        model, index = train_world(world, args.artifacts).path, ensure_index(world, args.artifacts)
+    try:
+        return run_workers(config, argv, model, index, args.tracker_config)
+    except (FileNotFoundError, OSError) as exc:  # no redis-server to share the tracker, a busy port
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _world_assets(world: WorldConfig, artifacts: Path) -> ServingAssets:

@@ -2,7 +2,9 @@
 
 The port opens before the model and index are loaded, so orchestrators see a live process
 whose health says NOT_SERVING (and whose Recommender answers UNAVAILABLE) until loading ends;
-then both the overall health ``""`` and ``valuerank.v1.Recommender`` turn SERVING. Stopping
+then both the overall health ``""`` and ``valuerank.v1.Recommender`` turn SERVING. A server that
+shares its port (``reuse_port``: a worker of ``serve --workers``) binds only once loaded, so
+that no connection lands on it before it can serve. Stopping
 turns health NOT_SERVING first, lets in-flight calls finish within ``grace_s``, then closes
 the pipeline.
 """
@@ -46,12 +48,19 @@ async def start_server(source: Source, config: ServeConfig) -> RunningServer:
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    running = RunningServer(server, servicer, health_servicer, config)
+    if config.reuse_port:
+        # One of several processes on the port: the kernel would hand a loading one its share of
+        # new connections, to be answered UNAVAILABLE; it binds once it can serve them.
+        running.start_loading(source)
+        await running.wait_ready()
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
+    running.port = port
     await server.start()
-    running = RunningServer(server, servicer, health_servicer, config, port)
-    running.start_loading(source)
+    if not config.reuse_port:
+        running.start_loading(source)
     return running
 
 
@@ -62,13 +71,13 @@ class RunningServer:
         servicer: RecommenderServicer,
         health_servicer: health.aio.HealthServicer,
         config: ServeConfig,
-        port: int,
     ) -> None:
         self.server = server
         self.servicer = servicer
         self.health = health_servicer
         self.config = config
-        self.port = port
+        self.port = 0
+        """The bound port (set once bound)."""
         self._loading: asyncio.Task[None] | None = None
         self._stopped = False
         self._metrics_http: Any = None

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,6 +25,7 @@ from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
 from serving.domain import Recommendation
 from serving.edge import convert
+from serving.edge.workers import process_stats
 from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded, Unavailable
 from serving.pipeline import Pipeline
 
@@ -110,7 +109,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def GetRoutingStats(
         self, request: pb.GetRoutingStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRoutingStatsResponse:
-        return convert.routing_stats_response(self._ready().routing_stats())
+        stats = self._ready().routing_stats()
+        # The server's CPU time (its group's under serve --workers): a load generator divides its
+        # growth by the requests answered.
+        stats["process"] = process_stats()
+        return convert.routing_stats_response(stats)
 
     def _ready(self) -> Pipeline:
         if self.pipeline is None:
@@ -134,7 +137,7 @@ class CannedRecommenderServicer(pb_grpc.RecommenderServicer):
     async def GetRoutingStats(
         self, request: pb.GetRoutingStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRoutingStatsResponse:
-        return convert.routing_stats_response({"process": {"pid": os.getpid(), "cpu_s": time.process_time()}})
+        return convert.routing_stats_response({"process": process_stats()})
 
 
 def _deadline(pipeline: Pipeline, context: grpc.aio.ServicerContext) -> float | None:
