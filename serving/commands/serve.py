@@ -130,7 +130,9 @@ def _serve_workers(
 
         model, index = train_world(world, args.artifacts).path, ensure_index(world, args.artifacts)
     try:
-        return run_workers(config, argv, model, index, args.tracker_config)
+        # This module's own name: how a worker is started (``python -m`` of it).
+        command = [sys.executable, "-m", __spec__.name if __spec__ is not None else __name__]
+        return run_workers(config, command, argv, model, index, args.tracker_config)
     except (FileNotFoundError, OSError) as exc:  # no redis-server to share the tracker, a busy port
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from protos.valuerank.v1 import recommender_pb2 as pb
 from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
 from serving.domain import Recommendation
 from serving.edge import convert
-from serving.edge.workers import process_stats
+from serving.edge.process import process_stats
 from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded, Unavailable
 from serving.pipeline import Pipeline
 

@@ -17,8 +17,8 @@ supervisor:
 
 Each worker's router learns from the requests it serves (connections land on workers at random,
 so each sees the same mix). GetRoutingStats answers from one worker; its ``process`` section
-(``process_stats``) counts the CPU time of the whole group, so a load generator's server CPU per
-request stays right.
+(``serving.edge.process``) counts the CPU time of the whole group, so a load generator's server
+CPU per request stays right.
 """
 
 from __future__ import annotations
@@ -39,47 +39,38 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import ServeConfig
+from serving.edge.process import SUPERVISOR_ENV
 from serving.revenue.config import MemoryTrackerConfig, RedisTrackerConfig
 from serving.revenue.local_redis import RedisProcess, free_port, require_binaries
 
 log = logging.getLogger(__name__)
 
-SUPERVISOR_ENV = "VALUERANK_SUPERVISOR_PID"
-"""Set in each worker's environment: the pid whose children ``process_stats`` adds up."""
 READY_TIMEOUT_S = 300.0
 """How long a worker may take to load the model and index and say ``serving on``."""
 RESTART_PAUSE_S = 1.0
 """Pause before restarting a worker that died (a worker that dies on start does not spin)."""
 
 
-def process_stats() -> dict[str, Any]:
-    """The ``process`` section of GetRoutingStats: CPU seconds of this server, or of every worker
-    of its supervisor (and the supervisor) under ``serve --workers N``."""
-    supervisor = os.environ.get(SUPERVISOR_ENV)
-    if not supervisor:
-        return {"pid": os.getpid(), "cpu_s": time.process_time()}
-    pids = [int(supervisor), *_children(int(supervisor))]
-    return {
-        "pid": int(supervisor),
-        "cpu_s": sum(_cpu_s(pid) for pid in pids),
-        "worker_pid": os.getpid(),
-        "processes": len(pids),
-    }
-
-
 def run_workers(
-    config: ServeConfig, argv: Sequence[str], model: Path, index: Path, tracker_file: Path | None
+    config: ServeConfig,
+    command: Sequence[str],
+    argv: Sequence[str],
+    model: Path,
+    index: Path,
+    tracker_file: Path | None,
 ) -> int:
     """Serve ``config`` with ``config.workers`` worker processes until SIGINT or SIGTERM.
 
-    ``argv`` is the supervisor's own command line: each worker gets it with the overrides that
-    make it one worker of the group appended (argparse keeps the last value of a flag)."""
+    ``command`` starts one server (``python -m serving.commands.serve``: the caller's, so that
+    this module does not depend on the command that depends on it); ``argv`` is the supervisor's
+    own command line: each worker gets it with the overrides that make it one worker of the
+    group appended (argparse keeps the last value of a flag)."""
     with contextlib.ExitStack() as stack:
         tracker, redis = _shared_tracker(config, stack)
         if tracker is not None:
             tracker_file = _write_json(stack, asdict(tracker))
         port = config.port or free_port()
-        group = _WorkerGroup(config, list(argv), model, index, tracker_file, port)
+        group = _WorkerGroup(config, list(command), list(argv), model, index, tracker_file, port)
         stopping = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
@@ -104,6 +95,7 @@ class _WorkerGroup:
     def __init__(
         self,
         config: ServeConfig,
+        command: list[str],
         argv: list[str],
         model: Path,
         index: Path,
@@ -111,6 +103,7 @@ class _WorkerGroup:
         port: int,
     ) -> None:
         self.config = config
+        self.command = command
         self.argv = argv
         self.model = model
         self.index = index
@@ -164,7 +157,7 @@ class _WorkerGroup:
         if self.config.decision_log is not None:  # one writer per file
             flags += ["--decision-log", f"{self.config.decision_log}.worker{i}"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.commands.serve", *flags],
+            [*self.command, *flags],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, SUPERVISOR_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"},
@@ -225,23 +218,3 @@ def _relay(proc: subprocess.Popen[str], i: int) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         print(f"[worker {i}] {line}", end="", flush=True)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(p) for p in f.read().split()]
-    return found
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the command's closing parenthesis: state is field 3, utime 14 and stime 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
