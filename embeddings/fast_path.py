@@ -132,10 +132,9 @@ class FastDLRM(nn.Module):
         if len(counts) == 1:
             return self.score_one(dense, req, item)
         vecs, const = self.factored.request_state_from(dense, req)
-        segments = torch.split(item, list(counts))
-        ri = torch.cat([self._request_item(seg, v) for seg, v in zip(segments, vecs, strict=True)])
-        base = torch.repeat_interleave(const, torch.tensor(list(counts)), dim=0)
-        return self._top(self._first_input(item, ri), base)
+        sizes = torch.tensor(list(counts))
+        base = torch.repeat_interleave(const, sizes, dim=0)
+        return self._top(self._first_input(item, self._batch_request_item(item, vecs, sizes)), base)
 
     def item_embeddings(self, item_kjt: KeyedJaggedTensor) -> torch.Tensor:
         """``N X F_i X D`` pooled item embeddings (float32)."""
@@ -160,6 +159,24 @@ class FastDLRM(nn.Module):
         padded = F.pad(vecs, (0, 0, 0, n_pad - self.n_req))
         dots = torch.mm(item.reshape(-1, self.D), padded.t()).view(item.shape[0], self.n_item, n_pad)
         return dots[:, :, : self.n_req].reshape(item.shape[0], -1)
+
+    def _batch_request_item(
+        self, item: torch.Tensor, vecs: torch.Tensor, sizes: torch.Tensor
+    ) -> torch.Tensor:
+        """``_request_item`` of every request of a batch. Requests of one candidate count (a
+        batch of one cascade depth) share one batched GEMM: a Python loop costs ~10 us a request,
+        a fixed cost that makes shallow cascades dear (``valuerank replay``'s depth costs: 20-30%
+        cheaper at depth 10-50, batch 16-32). Mixed counts loop (padding them measured slower)."""
+        kmax = int(sizes.max())
+        if not bool((sizes == kmax).all()):
+            segments = torch.split(item, sizes.tolist())
+            return torch.cat([self._request_item(seg, v) for seg, v in zip(segments, vecs, strict=True)])
+        n_req = len(sizes)
+        n_pad = -(-self.n_req // 8) * 8
+        padded = F.pad(vecs, (0, 0, 0, n_pad - self.n_req))  # B X n_pad X D
+        grid = item.reshape(n_req, kmax * self.n_item, self.D)
+        dots = torch.bmm(grid, padded.transpose(1, 2)).view(n_req * kmax, self.n_item, n_pad)
+        return dots[:, :, : self.n_req].reshape(n_req * kmax, -1)
 
     def _first_input(self, item: torch.Tensor, ri: torch.Tensor) -> torch.Tensor:
         """``[ri | ii]``, the first layer's item-dependent inputs: ``K X (F_i R + F_i (F_i-1)/2)``."""

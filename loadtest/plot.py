@@ -16,6 +16,9 @@ CURVES = (
     ("oracle", "tab:gray", "--"),
     ("oracle_segment", "tab:purple", "-."),
     ("value_aware", "tab:blue", "-"),
+    ("depth_table", "tab:brown", ":"),
+    ("fixed_depth", "tab:olive", ":"),
+    ("value_aware_binary", "tab:cyan", "-"),
     ("static_tiers", "tab:orange", ":"),
 )
 POINTS = (

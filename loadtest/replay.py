@@ -40,6 +40,18 @@ from dlrm.configs import add_flags, from_flags
 from dlrm.world import World, WorldConfig
 from embeddings.clock import ManualClock
 from loadtest.counterfactual import ScoredLog, score_log
+from loadtest.depth_sim import (
+    DepthCurves,
+    DepthRun,
+    depth_curves,
+    fixed_column,
+    group_table,
+    oracle_columns,
+    run_columns,
+    run_depth_router,
+    summarise_depth,
+    table_columns,
+)
 from loadtest.policy_sim import (
     LoadModel,
     PolicyRun,
@@ -53,11 +65,11 @@ from loadtest.policy_sim import (
     table_mask,
 )
 from serving.config import ScoringConfig
-from serving.routing.config import RouterConfig, ValueAwareConfig
+from serving.routing.config import DepthConfig, RouterConfig, ValueAwareConfig
 from serving.routing.policies import make_router
 from serving.routing.router import Router
 
-DEFAULT_BUDGETS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+DEFAULT_BUDGETS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the revenue-vs-compute PNG here")
     parser.add_argument("--log", type=Path, default=None, help="estimate policies from a live JSONL log")
     parser.add_argument(
-        "--write-log", type=Path, default=None, help="write value_aware@0.5's decisions as a JSONL log"
+        "--write-log", type=Path, default=None, help="write value_aware_binary@0.5's decisions as a JSONL log"
     )
     add_flags(parser, ReplayConfig)
     add_flags(parser, LoadModel)
@@ -127,9 +139,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = from_flags(LoadModel, args)
     progress = not args.json or sys.stderr.isatty()
     world_config = WorldConfig.load(args.world)
-    log, warmup = build_scored_logs(world_config, args.artifacts, args.index, config, progress=progress)
+    log, warmup, curves, warm_curves = build_scored_logs(
+        world_config, args.artifacts, args.index, config, progress=progress
+    )
     router = from_flags(RouterConfig, args, policy="value_aware", seed=config.seed)
     result = replay(log, load, router, config, args.budgets, warmup)
+    result.update(replay_depths(log, curves, load, router, config, args.budgets, result, warm_curves, warmup))
     result["world"] = {"key": world_config.key(), "file": str(args.world) if args.world else "bundled"}
     if args.plot is not None:
         from loadtest.plot import plot_curves
@@ -141,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         runs = result["_runs"]
         nearest = min(args.budgets, key=lambda b: abs(b - 0.5))
-        write_replay_log(log, runs[f"value_aware@{nearest:g}"], args.write_log)
+        write_replay_log(log, runs[f"value_aware_binary@{nearest:g}"], args.write_log)
         result["log"] = str(args.write_log)
     result.pop("_runs", None)
     return result
@@ -154,9 +169,10 @@ def build_scored_logs(
     config: ReplayConfig,
     *,
     progress: bool,
-) -> tuple[ScoredLog, ScoredLog | None]:
+) -> tuple[ScoredLog, ScoredLog | None, DepthCurves, DepthCurves | None]:
     """Train (or reuse) the model and index of ``world_config``; score its replay log and, when
-    ``config.warmup_requests``, a warm-up day drawn from the world with another seed."""
+    ``config.warmup_requests``, a warm-up day drawn from the world with another seed; price every
+    cascade depth on each (``loadtest.depth_sim``)."""
     from dlrm.synth import ensure_world_logs
     from dlrm.train import train_world
     from serving.assets import ServingAssets
@@ -192,7 +208,21 @@ def build_scored_logs(
         rng = np.random.default_rng([world_config.seed, 7919, config.seed])
         earlier = world.sample_requests(config.warmup_requests, rng)
         warmup = score_log(world, assets, earlier, seed=config.seed + 1, **score)  # type: ignore[arg-type]
-    return log, warmup
+    from serving.assembly import full_scorer
+
+    scorer = full_scorer(
+        assets, precision=config.scoring.precision, mlp_precision=config.scoring.mlp_precision, threads=1
+    )
+    curves = depth_curves(log, world, scorer.score_batch, seed=config.seed, batch=config.batch)
+    warm_curves = None
+    if warmup is not None:
+        warm_curves = depth_curves(
+            warmup, world, scorer.score_batch, seed=config.seed + 1, batch=config.batch
+        )
+    if progress:
+        costs = ", ".join(f"{int(m)}: {c:.3f}" for m, c in zip(curves.depths, curves.cost_ms, strict=True))
+        print(f"replay: CPU ms per request by depth {{{costs}}}", file=sys.stderr, flush=True)
+    return log, warmup, curves, warm_curves
 
 
 def replay(
@@ -223,37 +253,36 @@ def replay(
         runs[f"static_tiers@{b:g}"] = run_mask(
             log, f"static_tiers@{b:g}", table_mask(log, tables[b]), times, load
         )
-        runs[f"oracle@{b:g}"] = run_mask(log, f"oracle@{b:g}", oracle_mask(log, b), times, load)
-        runs[f"oracle_segment@{b:g}"] = run_mask(
-            log, f"oracle_segment@{b:g}", segment_oracle_mask(log, b), times, load
+        runs[f"binary_oracle@{b:g}"] = run_mask(log, f"binary_oracle@{b:g}", oracle_mask(log, b), times, load)
+        runs[f"binary_oracle_segment@{b:g}"] = run_mask(
+            log, f"binary_oracle_segment@{b:g}", segment_oracle_mask(log, b), times, load
         )
         make = _value_aware_factory(log, router, value_aware, b)
-        runs[f"value_aware@{b:g}"] = run_router(log, f"value_aware@{b:g}", make, times, load, warm)
+        runs[f"value_aware_binary@{b:g}"] = run_router(
+            log, f"value_aware_binary@{b:g}", make, times, load, warm
+        )
     if warm is not None and budgets:
         # The same router from a cold start on the replayed day, for the record.
         b = min(budgets, key=lambda x: abs(x - 0.5))
         make = _value_aware_factory(log, router, value_aware, b)
-        runs[f"value_aware_cold@{b:g}"] = run_router(log, f"value_aware_cold@{b:g}", make, times, load)
+        runs[f"value_aware_binary_cold@{b:g}"] = run_router(
+            log, f"value_aware_binary_cold@{b:g}", make, times, load
+        )
     policies = {name: summarise(log, r, load) for name, r in runs.items()}
     for name, r in runs.items():
         if r.router_stats:
             policies[name]["router"] = _router_summary(r.router_stats)
     full_rev = policies["always_full"]["revenue"]
-    checks: dict[str, Any] = {"value_aware_over_always_full": {}, "value_aware_over_static": {}}
-    checks["value_aware_over_oracle"] = {}
-    checks["value_aware_over_oracle_segment"] = {}
-    # The headroom any router has over per-surface tables: what the oracle gains over the best one.
-    checks["oracle_over_static"] = {}
+    # Today's binary router against the binary baselines (the depth router's checks are
+    # ``replay_depths``'s).
+    checks: dict[str, Any] = {"over_always_full": {}, "over_static": {}, "over_oracle_segment": {}}
     for b in budgets:
-        va = policies[f"value_aware@{b:g}"]["revenue"]
-        checks["value_aware_over_always_full"][f"{b:g}"] = va / full_rev if full_rev else float("nan")
+        va = policies[f"value_aware_binary@{b:g}"]["revenue"]
+        checks["over_always_full"][f"{b:g}"] = va / full_rev if full_rev else float("nan")
         st = policies[f"static_tiers@{b:g}"]["revenue"]
-        checks["value_aware_over_static"][f"{b:g}"] = va / st if st else float("nan")
-        orc = policies[f"oracle@{b:g}"]["revenue"]
-        checks["value_aware_over_oracle"][f"{b:g}"] = va / orc if orc else float("nan")
-        seg = policies[f"oracle_segment@{b:g}"]["revenue"]
-        checks["value_aware_over_oracle_segment"][f"{b:g}"] = va / seg if seg else float("nan")
-        checks["oracle_over_static"][f"{b:g}"] = orc / st if st else float("nan")
+        checks["over_static"][f"{b:g}"] = va / st if st else float("nan")
+        seg = policies[f"binary_oracle_segment@{b:g}"]["revenue"]
+        checks["over_oracle_segment"][f"{b:g}"] = va / seg if seg else float("nan")
     return {
         "requests": len(log),
         "warmup_requests": 0 if warmup is None else len(warmup),
@@ -274,10 +303,100 @@ def replay(
         "static_tables": {f"{b:g}": list(tables[b]) for b in budgets}
         | {"static_tiers": list(static.full_surfaces)},
         "policies": policies,
-        "checks": checks,
-        "readme_table": readme_table(policies, budgets),
+        "binary_checks": checks,
         "_runs": runs,
     }
+
+
+def replay_depths(
+    log: ScoredLog,
+    curves: DepthCurves,
+    load: LoadModel,
+    router: RouterConfig,
+    config: ReplayConfig,
+    budgets: tuple[float, ...],
+    result: dict[str, Any],
+    warm_curves: DepthCurves | None = None,
+    warmup: ScoredLog | None = None,
+) -> dict[str, Any]:
+    """The depth policies over ``log`` (``loadtest.depth_sim``), added to ``result``'s policies,
+    with the checks of value-aware depth routing against them and the README table."""
+    times = arrival_times(log, load)
+    warm = None
+    if warmup is not None and warm_curves is not None:
+        warm = (warmup, warm_curves, arrival_times(warmup, load))
+    depth_cfg = router.depth
+    if config.window_requests and len(log) > 1:
+        window_s = config.window_requests * float(times[-1] - times[0]) / len(log)
+        depth_cfg = dataclasses.replace(
+            depth_cfg, controller=dataclasses.replace(depth_cfg.controller, window_s=max(window_s, 1e-6))
+        )
+    surfaces, segments = log.surface_names, log.segments
+    runs: dict[str, DepthRun] = {}
+    tables: dict[str, dict[str, int]] = {}
+    for b in budgets:
+        tag = f"{b:g}"
+        fixed = np.full(len(log), fixed_column(curves, b))
+        runs[f"fixed_depth@{tag}"] = run_columns(curves, f"fixed_depth@{tag}", fixed, times, load, log)
+        tables[tag] = group_table(curves, surfaces, b)
+        columns = table_columns(surfaces, tables[tag])
+        runs[f"depth_table@{tag}"] = run_columns(curves, f"depth_table@{tag}", columns, times, load, log)
+        columns = table_columns(segments, group_table(curves, segments, b))
+        runs[f"oracle_segment@{tag}"] = run_columns(
+            curves, f"oracle_segment@{tag}", columns, times, load, log
+        )
+        runs[f"oracle@{tag}"] = run_columns(
+            curves, f"oracle@{tag}", oracle_columns(curves, b), times, load, log
+        )
+        make = _depth_factory(log, router, depth_cfg, b)
+        runs[f"value_aware@{tag}"] = run_depth_router(
+            log, curves, f"value_aware@{tag}", make, times, load, warm
+        )
+    policies = result["policies"]
+    for name, r in runs.items():
+        policies[name] = summarise_depth(log, curves, r, load)
+        if r.router_stats:
+            policies[name]["router"] = _router_summary(r.router_stats)
+    for name in ("always_full", "always_cheap"):  # the same runs, in the depth summaries' terms
+        column = np.full(len(log), len(curves.depths) - 1 if name == "always_full" else 0)
+        policies[name]["depth_mix"] = summarise_depth(
+            log, curves, DepthRun(name, column, column * 0.0), load
+        )["depth_mix"]
+    full_rev = policies["always_full"]["revenue"]
+    names = ("always_full", "fixed_depth", "depth_table", "oracle_segment", "oracle")
+    checks: dict[str, Any] = {f"value_aware_over_{n}": {} for n in names}
+    for b in budgets:
+        tag = f"{b:g}"
+        va = policies[f"value_aware@{tag}"]["revenue"]
+        for n in names:
+            other = full_rev if n == "always_full" else policies[f"{n}@{tag}"]["revenue"]
+            checks[f"value_aware_over_{n}"][tag] = va / other if other else float("nan")
+    return {
+        "depths": {
+            "evaluated": [int(m) for m in curves.depths],
+            "router_grid": list(router.depth.depths),
+            "cpu_ms_per_request": {
+                str(int(m)): float(c) for m, c in zip(curves.depths, curves.cost_ms, strict=True)
+            },
+            "tables": {tag: {s: int(curves.depths[j]) for s, j in t.items()} for tag, t in tables.items()},
+        },
+        "checks": checks,
+        "readme_table": readme_table(policies, budgets),
+    }
+
+
+def _depth_factory(
+    log: ScoredLog, router: RouterConfig, depth: DepthConfig, budget: float
+) -> Callable[[ManualClock], Router]:
+    controller = dataclasses.replace(depth.controller, budget_share=budget)
+    cfg = dataclasses.replace(
+        router, policy="value_aware", depth=dataclasses.replace(depth, controller=controller)
+    )
+
+    def make(clock: ManualClock) -> Router:
+        return make_router(cfg, clock, schema=log.schema, item_values=log.item_values)
+
+    return make
 
 
 def _value_aware_factory(
@@ -285,7 +404,9 @@ def _value_aware_factory(
 ) -> Callable[[ManualClock], Router]:
     controller = dataclasses.replace(value_aware.controller, budget_share=budget)
     cfg = dataclasses.replace(
-        router, policy="value_aware", value_aware=dataclasses.replace(value_aware, controller=controller)
+        router,
+        policy="value_aware_binary",
+        value_aware=dataclasses.replace(value_aware, controller=controller),
     )
 
     def make(clock: ManualClock) -> Router:
@@ -295,28 +416,34 @@ def _value_aware_factory(
 
 
 def readme_table(policies: dict[str, Any], budgets: tuple[float, ...]) -> str:
-    """The seed's comparison as a markdown table: one model for all, a static cascade, value-aware."""
-    rows = [
-        ("One model for all (always_full)", "always_full"),
-        ("Static cascade (static_tiers)", "static_tiers"),
-    ]
+    """The seed's comparison as a markdown table: one model for all, a static cascade (by surface,
+    and by depth), today's binary router and value-aware depth, at two budgets."""
+    rows = [("One model for all (always_full)", "always_full"), ("Static tiers by surface", "static_tiers")]
     for b in budgets:
-        if f"{b:g}" in ("0.5", "0.7"):
-            rows.append((f"Value-aware routing, {b:.0%} budget", f"value_aware@{b:g}"))
+        tag = f"{b:g}"
+        if tag not in ("0.2", "0.4"):
+            continue
+        rows += [
+            (f"One depth for all, {b:.0%} budget", f"fixed_depth@{tag}"),
+            (f"Depth per surface (hindsight), {b:.0%}", f"depth_table@{tag}"),
+            (f"Binary value-aware (full or cheap), {b:.0%}", f"value_aware_binary@{tag}"),
+            (f"**Value-aware depth**, {b:.0%} budget", f"value_aware@{tag}"),
+            (f"Oracle per segment, {b:.0%}", f"oracle_segment@{tag}"),
+        ]
     rows.append(("Cheap path for all (always_cheap)", "always_cheap"))
+    full = policies["always_full"]["revenue"] or 1.0
     lines = [
-        "| policy | compute vs full | cost per 1,000 requests (CPU s) | p50 latency (ms) | "
-        "throughput per core (req/s) | revenue per inference |",
-        "|---|---|---|---|---|---|",
+        "| policy | compute vs full | revenue vs full | revenue per inference | mean depth |",
+        "|---|---|---|---|---|",
     ]
     for label, name in rows:
         if name not in policies:
             continue
         p = policies[name]
+        depth = p.get("mean_depth")
         lines.append(
-            f"| {label} | {p['compute_share']:.0%} | {p['cost_per_1000_cpu_s']:.3f} | "
-            f"{p['latency_p50_ms']:.2f} | {p['throughput_per_core']:,.0f} | "
-            f"${p['revenue_per_inference']:.4f} |"
+            f"| {label} | {p['compute_share']:.0%} | {p['revenue'] / full:.3f} | "
+            f"${p['revenue_per_inference']:.4f} | {'-' if depth is None else f'{depth:.0f}'} |"
         )
     return "\n".join(lines)
 
@@ -340,7 +467,7 @@ def _router_summary(stats: dict[str, Any]) -> dict[str, Any]:
         "lambda": stats.get("lambda"),
         "cost_ms": stats.get("cost_ms"),
         "value_model": stats.get("value_model"),
-        "explored": sum(s["explored"] for s in stats.get("segments", {}).values()),
+        "explored": sum(s.get("explored", 0.0) for s in stats.get("segments", {}).values()),
     }
 
 
@@ -353,12 +480,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['costs']['cheap_ms_per_request']:.4f} ms per request "
         f"({result['costs']['full_over_cheap']:.0f}x)",
         "",
-        f"{'policy':<22}{'revenue':>10}{'rev/inf':>10}{'compute':>9}{'full':>7}{'p50 ms':>8}{'p99 ms':>8}",
+        f"{'policy':<26}{'revenue':>10}{'rev/inf':>10}{'compute':>9}{'full':>7}{'p50 ms':>8}{'p99 ms':>8}",
     ]
     for name, p in result["policies"].items():
+        full_share = p.get("full_share", float("nan"))
         lines.append(
-            f"{name:<22}{p['revenue']:>10.2f}{p['revenue_per_inference']:>10.5f}"
-            f"{p['compute_share']:>9.2f}{p['full_share']:>7.2f}{p['latency_p50_ms']:>8.2f}{p['latency_p99_ms']:>8.2f}"
+            f"{name:<26}{p['revenue']:>10.2f}{p['revenue_per_inference']:>10.5f}"
+            f"{p['compute_share']:>9.2f}{full_share:>7.2f}{p.get('latency_p50_ms', float('nan')):>8.2f}"
+            f"{p['latency_p99_ms']:>8.2f}"
         )
     lines += ["", json.dumps(result["checks"], indent=2), "", result["readme_table"]]
     return "\n".join(lines)

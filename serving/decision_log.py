@@ -44,8 +44,13 @@ class DecisionRecord:
     estimated_uplift: float = 0.0
     compute_ms: float = 0.0
     latency_ms: float = 0.0
+    depth: int | None = None
+    """Candidates the full model re-ranked (0: cheap); None: the path's default. With depth
+    routing, ``propensity`` is the probability of this depth."""
 
     def __post_init__(self) -> None:
+        if self.depth is not None and self.depth < 0:
+            raise ValueError(f"{self.depth=} must be >= 0 or None")
         if self.path not in PATHS:
             raise ValueError(f"{self.path=} must be one of {PATHS}")
         if not 0.0 < self.propensity <= 1.0:
@@ -79,6 +84,7 @@ class DecisionRecord:
             decision.estimated_uplift,
             compute_ms,
             latency_ms,
+            decision.depth,
         )
 
 
@@ -120,6 +126,7 @@ def from_line(line: str) -> DecisionRecord | Outcome:
                 estimated_uplift=float(raw.get("estimated_uplift", 0.0)),
                 compute_ms=float(raw.get("compute_ms", 0.0)),
                 latency_ms=float(raw.get("latency_ms", 0.0)),
+                depth=None if raw.get("depth") is None else int(raw["depth"]),
             )
         if kind == "outcome":
             return Outcome(

@@ -78,6 +78,9 @@ class Decision:
     lam: float = 0.0
     estimated_uplift: float = 0.0
     propensity: float = 1.0
+    depth: int | None = None
+    """Candidates the full model re-ranks (the cheap order's top ``depth``; 0: the cheap path);
+    None: the path's default (all candidates on the full path)."""
 
 
 @dataclass

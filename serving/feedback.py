@@ -37,7 +37,7 @@ class RoutingFeedback:
             )
         if decision.path == "fallback":
             return  # admission chose it, not the router: nothing for the router to learn
-        self.router.observe(ctx.segment, decision.path, compute_ms, latency_ms)
+        self.router.observe(ctx.segment, decision.path, compute_ms, latency_ms, decision.depth)
         if decision.path == "full" and full_scores is not None:
             # Full scores of all candidates let the router value the cheap slate too, for free.
             self.router.observe_scored(ctx, full_scores)

@@ -14,6 +14,7 @@ SLO) by the deepest tier whose predicted wait fits (full, cheap, then the fallba
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from serving.fallback import FallbackSlates
 from serving.features import FeatureResolver
 from serving.feedback import RoutingFeedback
 from serving.metrics import ServingMetrics
-from serving.ranking import ranking_keys, top_k
+from serving.ranking import cheap_order, ranking_keys, top_k
 from serving.retriever import Retriever
 from serving.revenue.tracker import RevenueTracker
 from serving.routing.router import RouteContext, Router
@@ -189,6 +190,7 @@ class Pipeline:
             return self._fallback(query, features, started, t0, f"retrieval wait {wait_s * 1000.0:.1f} ms")
         ids, scores = (await self._retrieval.submit((features.user_vector, n_cand))).value
         candidates = Candidates(ids, scores)
+        retrieved = len(ids)
         t1 = time.perf_counter()
 
         left = None if query.deadline is None else query.deadline - self.clock.now()
@@ -211,6 +213,13 @@ class Pipeline:
             raise InvalidArgument("force_path", f"path {decision.path!r} is not served here")
         t2 = time.perf_counter()
         self._check_deadline(query)
+        if decision.depth is not None and decision.path == "full":
+            # A cascade: the full model re-ranks the cheap order's top ``depth`` (the router
+            # learns from them in that order); the slate is the best k of those.
+            values = None if self.item_values is None else self.item_values[candidates.item_ids]
+            order = cheap_order(candidates.retrieval_scores, values)[: decision.depth]
+            candidates = Candidates(candidates.item_ids[order], candidates.retrieval_scores[order])
+            route = dataclasses.replace(route, candidates=candidates)
         self.scorers[decision.path].prefetch(features, candidates)  # e.g. item rows from Redis
         result = await self._score(decision.path, features, candidates)
         t3 = time.perf_counter()
@@ -250,7 +259,7 @@ class Pipeline:
             model_version=self.model_version,
             decision=decision,
             segment=features.segment,
-            num_candidates=len(candidates.item_ids),
+            num_candidates=retrieved,
             timings=timings,
         )
 
@@ -267,7 +276,9 @@ class Pipeline:
             f"degraded: full path wait {full_wait_s * 1000.0:.1f} ms > {left_s * 1000.0:.1f} ms of budget"
             f" (router: {decision.reason})"
         )
-        return Decision("cheap", decision.policy, reason, decision.lam, decision.estimated_uplift, 1.0)
+        return Decision(
+            "cheap", decision.policy, reason, decision.lam, decision.estimated_uplift, 1.0, depth=0
+        )
 
     def _fallback(
         self, query: Query, features: RequestFeatures, started: float, t0: float, why: str

@@ -53,6 +53,13 @@ def retrieval_probs(retrieval_scores: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(retrieval_scores, dtype=np.float64)))
 
 
+def cheap_order(retrieval_scores: np.ndarray, item_values: np.ndarray | None) -> np.ndarray:
+    """All candidates' indices by the cheap path's expected value, best first: a cascade's full
+    model re-ranks a prefix of this order (``serving.routing.depth``)."""
+    keys = ranking_keys(retrieval_probs(retrieval_scores), item_values)
+    return np.lexsort((np.arange(len(keys)), -keys))
+
+
 def cheap_slate(retrieval_scores: np.ndarray, item_values: np.ndarray | None, k: int) -> np.ndarray:
     """Indices of the slate the cheap path would serve, known at routing time for free."""
     return top_k(ranking_keys(retrieval_probs(retrieval_scores), item_values), k)

@@ -358,12 +358,22 @@ def test_value_aware_policy_serves_and_reports_routing_stats(
     server = start_grpc_server(serving_assets.load(), config).wait_serving()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
-        paths = {stub.Recommend(_rec(user_id=u), timeout=10).path for u in range(8)}
-        assert paths <= {"full", "cheap"}
+        responses = [stub.Recommend(_rec(user_id=u), timeout=10) for u in range(40)]
+        assert {r.path for r in responses} <= {"full", "cheap"}
+        # Every response says the depth it used: 0 on the cheap path, 1..K on the full one.
+        for r in responses:
+            assert r.routing.HasField("depth") and len(r.items) == 5 and r.num_candidates == 100
+            assert (r.routing.depth == 0) == (r.path == "cheap") and r.routing.depth <= 100
+        assert len({r.routing.depth for r in responses}) >= 2  # cold start: full depth or cheap
+        forced = stub.Recommend(_rec(user_id=1, force_path="full"), timeout=10)
+        assert not forced.routing.HasField("depth")  # a forced path scores all candidates
         stats = stub.GetRoutingStats(pb.GetRoutingStatsRequest(), timeout=10)
         assert stats.policy == "value_aware"
-        assert sum(sum(s.inferences.values()) for s in stats.segments) == 8
-        assert json.loads(stats.json)["router"]["policy"] == "value_aware"
+        assert sum(sum(s.inferences.values()) for s in stats.segments) == 41
+        router = json.loads(stats.json)["router"]
+        assert router["policy"] == "value_aware" and router["action"] == "depth"
+        mixes = [seg["depth_mix"] for seg in router["segments"].values()]
+        assert sum(sum(m.values()) for m in mixes) == pytest.approx(len(mixes))
 
 
 def test_decision_log_records_decisions_and_outcomes_for_off_policy_replay(

@@ -232,21 +232,46 @@ def test_replay_end_to_end_on_a_world_the_defaults_never_saw(tiny_world: Path, t
         "always_cheap",
         "static_tiers",
         "value_aware@0.5",
-        "oracle@0.3",
+        "value_aware_binary@0.5",
+        "binary_oracle@0.3",
         "static_tiers@0.5",
+        "fixed_depth@0.3",
+        "depth_table@0.3",
+        "oracle_segment@0.3",
+        "oracle@0.3",
     ):
-        assert {"revenue", "compute_ms", "latency_p50_ms", "latency_p99_ms", "by_surface"} <= set(
-            policies[name]
-        )
+        assert {
+            "revenue",
+            "compute_ms",
+            "compute_share",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "by_surface",
+        } <= set(policies[name])
     assert result["costs"]["full_over_cheap"] >= 10.0  # the cheap path is >= 10x cheaper, measured
     assert policies["always_full"]["compute_share"] == pytest.approx(1.0)
     assert policies["always_cheap"]["compute_share"] < 0.1
+    depths = result["depths"]
+    costs = [depths["cpu_ms_per_request"][str(m)] for m in depths["evaluated"]]
+    assert depths["evaluated"][0] == 0 and depths["evaluated"][-1] == 100  # clipped to K
+    assert costs[0] < costs[-1]  # the cheap path is the cheapest depth, the full one the dearest
     for b in ("0.3", "0.5"):
-        assert policies[f"oracle@{b}"]["compute_share"] <= float(b) + 1e-9
-        assert policies[f"oracle@{b}"]["revenue"] >= 0.99 * policies[f"static_tiers@{b}"]["revenue"]
-        oracle_gain = policies[f"oracle@{b}"]["revenue"] / policies[f"static_tiers@{b}"]["revenue"]
-        assert result["checks"]["oracle_over_static"][b] == pytest.approx(oracle_gain)
-        assert policies[f"value_aware@{b}"]["compute_share"] < float(b) + 0.15
+        assert policies[f"binary_oracle@{b}"]["compute_share"] <= float(b) + 1e-9
+        assert policies[f"binary_oracle@{b}"]["revenue"] >= 0.99 * policies[f"static_tiers@{b}"]["revenue"]
+        assert policies[f"value_aware_binary@{b}"]["compute_share"] < float(b) + 0.15
+        # Depth baselines: exact knapsacks, so a finer grouping never earns less within the budget.
+        revenue = {
+            n: policies[f"{n}@{b}"]["revenue"] for n in ("fixed_depth", "depth_table", "oracle_segment")
+        }
+        assert revenue["fixed_depth"] <= revenue["depth_table"] + 1e-9 <= revenue["oracle_segment"] + 2e-9
+        assert policies[f"oracle@{b}"]["revenue"] >= 0.99 * revenue["oracle_segment"]
+        for n in ("fixed_depth", "depth_table", "oracle_segment", "oracle"):
+            assert policies[f"{n}@{b}"]["compute_share"] <= float(b) + 1e-9
+        va = policies[f"value_aware@{b}"]
+        assert va["compute_share"] < float(b) + 0.15 and sum(va["depth_mix"].values()) == pytest.approx(1.0)
+        assert result["checks"]["value_aware_over_oracle_segment"][b] == pytest.approx(
+            va["revenue"] / revenue["oracle_segment"]
+        )
     # Revenue per inference follows the modified world's surfaces (video $0.15, ecommerce $0.02).
     by_surface = policies["always_full"]["by_surface"]
     assert (

@@ -224,7 +224,7 @@ def test_value_aware_spends_the_budget_on_the_surface_that_gains() -> None:
     assert cost.sum() / len(cost) == pytest.approx(0.5, rel=0.12)
     assert full[shop].mean() > 0.85 > 0.2 > full[~shop].mean()
     d = served[-1][1]
-    assert d.policy == "value_aware" and d.lam >= 0 and d.reason
+    assert d.policy == "value_aware_binary" and d.lam >= 0 and d.reason
     stats = router.stats()
     assert stats["segments"]["shop/0"]["model_uplift"] > stats["segments"]["chat/0"]["model_uplift"]
     assert 0.0 <= stats["budget_use"] < 2.0

@@ -4,12 +4,14 @@ nests it, and offline replay builds its routers from the same type."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from serving.routing.controller import ControllerConfig
 from serving.routing.uplift import FeaturizerConfig
 
-POLICY_NAMES = ("always_full", "always_cheap", "static_tiers", "value_aware")
+POLICY_NAMES = ("always_full", "always_cheap", "static_tiers", "value_aware", "value_aware_binary")
+DEFAULT_DEPTHS = (0, 10, 20, 30, 50, 100, 200, 500)
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,75 @@ class ValueAwareConfig:
 
 
 @dataclass(frozen=True)
+class DepthConfig:
+    """The value-aware router over cascade depths (``serving.routing.depth``)."""
+
+    depths: tuple[int, ...] = DEFAULT_DEPTHS
+    """The depths M it chooses from (0 = cheap path; each clipped to the request's K, so the
+    largest is the full path); ascending, starting at 0."""
+    epsilon: float = 0.02
+    """Exploration share: requests whose depth is drawn uniformly from the grid (propensities
+    logged); every request at depth M also labels all shallower depths, so few are needed."""
+    min_full_deadline_ms: float = 5.0
+    """A request with less time than this left goes cheap."""
+    pressure_ms: float = 10.0
+    """Load pressure: lambda x ``1 + wait / pressure_ms`` for the full path's predicted wait."""
+    l2: float = 30.0
+    """Ridge penalty of each depth's gain model."""
+    label_half_life: float = 20_000.0
+    """Labels over which the gain models forget (half-life)."""
+    refit_every: int = 200
+    """Labels between refits of the gain models (fewer while they are young)."""
+    cold_start_labels: int = 100
+    """Until the models have this many full-depth labels, a coin weighted by the budget picks
+    full depth or cheap (propensities logged)."""
+    scale_prior: float = 20.0
+    """Pseudo-requests that pull a surface's dollars per model unit toward the global figure."""
+    cost_half_life: float = 500.0
+    """Requests over which each depth's measured cost is averaged (half-life)."""
+    stats_half_life_s: float = 3600.0
+    """Clock seconds over which per-segment statistics (depth mix, revenue) decay (half-life)."""
+    value_window: int = 1000
+    """Recent requests' predicted gain curves over which lambda is priced."""
+    outcome_memory: int = 100_000
+    """Recent requests (and outcome keys) remembered to attribute reported outcomes."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """The controller's budget (compute share of always-full), latency target and gains."""
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    """Which routing-time features the gain models read."""
+
+    def __post_init__(self) -> None:
+        d = self.depths
+        if len(d) < 2 or d[0] != 0 or any(b <= a for a, b in itertools.pairwise(d)):
+            raise ValueError(f"{self.depths=} must be ascending, start at 0 and have >= 2 entries")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"{self.epsilon=} must be in [0, 1]")
+        for name in ("label_half_life", "cost_half_life", "stats_half_life_s", "l2", "pressure_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.min_full_deadline_ms < 0:
+            raise ValueError(f"{self.min_full_deadline_ms=} must be >= 0")
+        if self.refit_every < 1 or self.cold_start_labels < 0 or self.outcome_memory < 1:
+            raise ValueError(
+                f"{self.refit_every=} >= 1, {self.cold_start_labels=} >= 0, {self.outcome_memory=} >= 1"
+            )
+        if self.scale_prior < 0:
+            raise ValueError(f"{self.scale_prior=} must be >= 0")
+        if self.value_window < 10:
+            raise ValueError(f"{self.value_window=} must be >= 10")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     policy: str = "always_full"
-    """Routing policy: always_full, always_cheap, static_tiers or value_aware."""
+    """Routing policy: always_full, always_cheap, static_tiers, value_aware (over cascade depths)
+    or value_aware_binary (full or cheap per request)."""
     seed: int = 0
     """Seed of the router's exploration draws."""
-    value_aware: ValueAwareConfig = field(default_factory=ValueAwareConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
     """The value-aware router's settings (budget and latency target in its controller)."""
+    value_aware: ValueAwareConfig = field(default_factory=ValueAwareConfig)
+    """The binary value-aware router's settings (value_aware_binary)."""
     static_tiers: StaticTiersConfig = field(default_factory=StaticTiersConfig)
     """The static per-surface table."""
 

@@ -1,6 +1,7 @@
 """Routing policies beyond a fixed path: a static per-surface table, and the factory of all of
 them. ``make_router(config, clock)`` builds the policy a ``serving.routing.config.RouterConfig``
-names; value-aware routing is ``serving.routing.value_aware``."""
+names; value-aware routing over cascade depths is ``serving.routing.depth``, the binary one
+(full or cheap) ``serving.routing.value_aware``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dlrm.schema import FeatureSchema
 from embeddings.clock import Clock
 from serving.domain import Decision
 from serving.routing.config import RouterConfig, StaticTiersConfig
+from serving.routing.depth import DepthRouter
 from serving.routing.router import FixedRouter, RouteContext, Router
 from serving.routing.value_aware import ValueAwareRouter
 
@@ -32,8 +34,10 @@ def make_router(
     if config.policy == "static_tiers":
         return StaticTiersRouter(config.static_tiers)
     if schema is None:
-        raise ValueError("value_aware routing needs the feature schema")
-    return ValueAwareRouter(config.value_aware, schema, item_values, clock, config.seed)
+        raise ValueError(f"{config.policy} routing needs the feature schema")
+    if config.policy == "value_aware_binary":
+        return ValueAwareRouter(config.value_aware, schema, item_values, clock, config.seed)
+    return DepthRouter(config.depth, schema, item_values, clock, config.seed)
 
 
 class StaticTiersRouter(Router):

@@ -50,8 +50,10 @@ class Router(ABC):
     def decide(self, ctx: RouteContext) -> Decision:
         """Choose the path for one request."""
 
-    def observe(self, segment: str, path: Path_, compute_ms: float, latency_ms: float) -> None:  # noqa: B027
-        """Feedback after a request was served (default: ignore)."""
+    def observe(  # noqa: B027
+        self, segment: str, path: Path_, compute_ms: float, latency_ms: float, depth: int | None = None
+    ) -> None:
+        """Feedback after a request was served (``depth``: the decision's; default: ignore)."""
 
     def observe_scored(self, ctx: RouteContext, full_scores: np.ndarray) -> None:  # noqa: B027
         """The full model's scores of ``ctx.candidates`` (default: ignore)."""

@@ -51,7 +51,7 @@ from serving.routing.value_parts import (
 class ValueAwareRouter(Router):
     """See the module docstring."""
 
-    name = "value_aware"
+    name = "value_aware_binary"
 
     def __init__(
         self,
@@ -151,7 +151,9 @@ class ValueAwareRouter(Router):
 
     # -- feedback -----------------------------------------------------------------------------
 
-    def observe(self, segment: str, path: Path_, compute_ms: float, latency_ms: float) -> None:
+    def observe(
+        self, segment: str, path: Path_, compute_ms: float, latency_ms: float, depth: int | None = None
+    ) -> None:
         with self._lock:
             self.costs.record(path, compute_ms, latency_ms)
             self.controller.record(compute_ms, self.costs.ms["full"], latency_ms)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/valuerank/v1/recommender.proto\x12\x0cvaluerank.v1\"\xca\x01\n\x07\x43ontext\x12\x31\n\x06sparse\x18\x01 \x03(\x0b\x32!.valuerank.v1.Context.SparseEntry\x12/\n\x05\x64\x65nse\x18\x02 \x03(\x0b\x32 .valuerank.v1.Context.DenseEntry\x1a-\n\x0bSparseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a,\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa7\x01\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07surface\x18\x03 \x01(\t\x12&\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x15.valuerank.v1.Context\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x16\n\x0enum_candidates\x18\x06 \x01(\x05\x12\x12\n\nforce_path\x18\x07 \x01(\t\"R\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0e\x65xpected_value\x18\x04 \x01(\x02\"k\n\x0cStageTimings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x10\n\x08route_ms\x18\x02 \x01(\x01\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\x80\x01\n\x0fRoutingDecision\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06lambda\x18\x03 \x01(\x01\x12\x18\n\x10\x65stimated_uplift\x18\x04 \x01(\x01\x12\x12\n\npropensity\x18\x05 \x01(\x01\x12\x0f\n\x07segment\x18\x06 \x01(\t\"\xea\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.valuerank.v1.ScoredItem\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.valuerank.v1.StageTimings\x12.\n\x07routing\x18\x06 \x01(\x0b\x32\x1d.valuerank.v1.RoutingDecision\x12\x16\n\x0enum_candidates\x18\x07 \x01(\x05\"\x8c\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07surface\x18\x03 \x01(\t\x12&\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x15.valuerank.v1.Context\x12\x10\n\x08item_ids\x18\x05 \x03(\x03\x12\x0c\n\x04path\x18\x06 \x01(\t\"\x85\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.valuerank.v1.StageTimings\"c\n\x07Outcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\"\n\x05\x65vent\x18\x03 \x01(\x0e\x32\x13.valuerank.v1.Event\x12\x0f\n\x07revenue\x18\x04 \x01(\x01\"@\n\x15ReportOutcomesRequest\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.valuerank.v1.Outcome\"X\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x18\n\x10unknown_requests\x18\x03 \x01(\x05\"\x18\n\x16GetRoutingStatsRequest\"\xd0\x04\n\x0cSegmentStats\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0f\n\x07surface\x18\x02 \x01(\t\x12\x11\n\tuser_tier\x18\x03 \x01(\t\x12>\n\ninferences\x18\x04 \x03(\x0b\x32*.valuerank.v1.SegmentStats.InferencesEntry\x12\x38\n\x07revenue\x18\x05 \x03(\x0b\x32\'.valuerank.v1.SegmentStats.RevenueEntry\x12R\n\x15revenue_per_inference\x18\x06 \x03(\x0b\x32\x33.valuerank.v1.SegmentStats.RevenuePerInferenceEntry\x12=\n\ncompute_ms\x18\x07 \x03(\x0b\x32).valuerank.v1.SegmentStats.ComputeMsEntry\x12\x18\n\x10\x65stimated_uplift\x18\x08 \x01(\x01\x12\x13\n\x0b\x63heap_share\x18\t \x01(\x01\x1a\x31\n\x0fInferencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRevenueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a:\n\x18RevenuePerInferenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0e\x43omputeMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x01\n\x17GetRoutingStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06lambda\x18\x02 \x01(\x01\x12\x12\n\nbudget_use\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x04 \x01(\x01\x12,\n\x08segments\x18\x05 \x03(\x0b\x32\x1a.valuerank.v1.SegmentStats\x12\x0c\n\x04json\x18\x06 \x01(\t*[\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_IMPRESSION\x10\x01\x12\x0f\n\x0b\x45VENT_CLICK\x10\x02\x12\x14\n\x10\x45VENT_CONVERSION\x10\x03\x32\xda\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.valuerank.v1.RecommendRequest\x1a\x1f.valuerank.v1.RecommendResponse\x12@\n\x05Score\x12\x1a.valuerank.v1.ScoreRequest\x1a\x1b.valuerank.v1.ScoreResponse\x12[\n\x0eReportOutcomes\x12#.valuerank.v1.ReportOutcomesRequest\x1a$.valuerank.v1.ReportOutcomesResponse\x12^\n\x0fGetRoutingStats\x12$.valuerank.v1.GetRoutingStatsRequest\x1a%.valuerank.v1.GetRoutingStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/valuerank/v1/recommender.proto\x12\x0cvaluerank.v1\"\xca\x01\n\x07\x43ontext\x12\x31\n\x06sparse\x18\x01 \x03(\x0b\x32!.valuerank.v1.Context.SparseEntry\x12/\n\x05\x64\x65nse\x18\x02 \x03(\x0b\x32 .valuerank.v1.Context.DenseEntry\x1a-\n\x0bSparseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a,\n\nDenseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa7\x01\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07surface\x18\x03 \x01(\t\x12&\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x15.valuerank.v1.Context\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x16\n\x0enum_candidates\x18\x06 \x01(\x05\x12\x12\n\nforce_path\x18\x07 \x01(\t\"R\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x16\n\x0e\x65xpected_value\x18\x04 \x01(\x02\"k\n\x0cStageTimings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x10\n\x08route_ms\x18\x02 \x01(\x01\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\x9e\x01\n\x0fRoutingDecision\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06lambda\x18\x03 \x01(\x01\x12\x18\n\x10\x65stimated_uplift\x18\x04 \x01(\x01\x12\x12\n\npropensity\x18\x05 \x01(\x01\x12\x0f\n\x07segment\x18\x06 \x01(\t\x12\x12\n\x05\x64\x65pth\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_depth\"\xea\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.valuerank.v1.ScoredItem\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.valuerank.v1.StageTimings\x12.\n\x07routing\x18\x06 \x01(\x0b\x32\x1d.valuerank.v1.RoutingDecision\x12\x16\n\x0enum_candidates\x18\x07 \x01(\x05\"\x8c\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0f\n\x07surface\x18\x03 \x01(\t\x12&\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x15.valuerank.v1.Context\x12\x10\n\x08item_ids\x18\x05 \x03(\x03\x12\x0c\n\x04path\x18\x06 \x01(\t\"\x85\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.valuerank.v1.StageTimings\"c\n\x07Outcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\"\n\x05\x65vent\x18\x03 \x01(\x0e\x32\x13.valuerank.v1.Event\x12\x0f\n\x07revenue\x18\x04 \x01(\x01\"@\n\x15ReportOutcomesRequest\x12\'\n\x08outcomes\x18\x01 \x03(\x0b\x32\x15.valuerank.v1.Outcome\"X\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x18\n\x10unknown_requests\x18\x03 \x01(\x05\"\x18\n\x16GetRoutingStatsRequest\"\xd0\x04\n\x0cSegmentStats\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0f\n\x07surface\x18\x02 \x01(\t\x12\x11\n\tuser_tier\x18\x03 \x01(\t\x12>\n\ninferences\x18\x04 \x03(\x0b\x32*.valuerank.v1.SegmentStats.InferencesEntry\x12\x38\n\x07revenue\x18\x05 \x03(\x0b\x32\'.valuerank.v1.SegmentStats.RevenueEntry\x12R\n\x15revenue_per_inference\x18\x06 \x03(\x0b\x32\x33.valuerank.v1.SegmentStats.RevenuePerInferenceEntry\x12=\n\ncompute_ms\x18\x07 \x03(\x0b\x32).valuerank.v1.SegmentStats.ComputeMsEntry\x12\x18\n\x10\x65stimated_uplift\x18\x08 \x01(\x01\x12\x13\n\x0b\x63heap_share\x18\t \x01(\x01\x1a\x31\n\x0fInferencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cRevenueEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a:\n\x18RevenuePerInferenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0e\x43omputeMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x01\n\x17GetRoutingStatsResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0e\n\x06lambda\x18\x02 \x01(\x01\x12\x12\n\nbudget_use\x18\x03 \x01(\x01\x12\x16\n\x0elatency_p99_ms\x18\x04 \x01(\x01\x12,\n\x08segments\x18\x05 \x03(\x0b\x32\x1a.valuerank.v1.SegmentStats\x12\x0c\n\x04json\x18\x06 \x01(\t*[\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_IMPRESSION\x10\x01\x12\x0f\n\x0b\x45VENT_CLICK\x10\x02\x12\x14\n\x10\x45VENT_CONVERSION\x10\x03\x32\xda\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.valuerank.v1.RecommendRequest\x1a\x1f.valuerank.v1.RecommendResponse\x12@\n\x05Score\x12\x1a.valuerank.v1.ScoreRequest\x1a\x1b.valuerank.v1.ScoreResponse\x12[\n\x0eReportOutcomes\x12#.valuerank.v1.ReportOutcomesRequest\x1a$.valuerank.v1.ReportOutcomesResponse\x12^\n\x0fGetRoutingStats\x12$.valuerank.v1.GetRoutingStatsRequest\x1a%.valuerank.v1.GetRoutingStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTSTATS_REVENUEPERINFERENCEENTRY']._serialized_options = b'8\001'
   _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._loaded_options = None
   _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._serialized_options = b'8\001'
-  _globals['_EVENT']._serialized_start=2312
-  _globals['_EVENT']._serialized_end=2403
+  _globals['_EVENT']._serialized_start=2342
+  _globals['_EVENT']._serialized_end=2433
   _globals['_CONTEXT']._serialized_start=56
   _globals['_CONTEXT']._serialized_end=258
   _globals['_CONTEXT_SPARSEENTRY']._serialized_start=167
@@ -58,33 +58,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=514
   _globals['_STAGETIMINGS']._serialized_end=621
   _globals['_ROUTINGDECISION']._serialized_start=624
-  _globals['_ROUTINGDECISION']._serialized_end=752
-  _globals['_RECOMMENDRESPONSE']._serialized_start=755
-  _globals['_RECOMMENDRESPONSE']._serialized_end=989
-  _globals['_SCOREREQUEST']._serialized_start=992
-  _globals['_SCOREREQUEST']._serialized_end=1132
-  _globals['_SCORERESPONSE']._serialized_start=1135
-  _globals['_SCORERESPONSE']._serialized_end=1268
-  _globals['_OUTCOME']._serialized_start=1270
-  _globals['_OUTCOME']._serialized_end=1369
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1371
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1435
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1437
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1525
-  _globals['_GETROUTINGSTATSREQUEST']._serialized_start=1527
-  _globals['_GETROUTINGSTATSREQUEST']._serialized_end=1551
-  _globals['_SEGMENTSTATS']._serialized_start=1554
-  _globals['_SEGMENTSTATS']._serialized_end=2146
-  _globals['_SEGMENTSTATS_INFERENCESENTRY']._serialized_start=1939
-  _globals['_SEGMENTSTATS_INFERENCESENTRY']._serialized_end=1988
-  _globals['_SEGMENTSTATS_REVENUEENTRY']._serialized_start=1990
-  _globals['_SEGMENTSTATS_REVENUEENTRY']._serialized_end=2036
-  _globals['_SEGMENTSTATS_REVENUEPERINFERENCEENTRY']._serialized_start=2038
-  _globals['_SEGMENTSTATS_REVENUEPERINFERENCEENTRY']._serialized_end=2096
-  _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._serialized_start=2098
-  _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._serialized_end=2146
-  _globals['_GETROUTINGSTATSRESPONSE']._serialized_start=2149
-  _globals['_GETROUTINGSTATSRESPONSE']._serialized_end=2310
-  _globals['_RECOMMENDER']._serialized_start=2406
-  _globals['_RECOMMENDER']._serialized_end=2752
+  _globals['_ROUTINGDECISION']._serialized_end=782
+  _globals['_RECOMMENDRESPONSE']._serialized_start=785
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1019
+  _globals['_SCOREREQUEST']._serialized_start=1022
+  _globals['_SCOREREQUEST']._serialized_end=1162
+  _globals['_SCORERESPONSE']._serialized_start=1165
+  _globals['_SCORERESPONSE']._serialized_end=1298
+  _globals['_OUTCOME']._serialized_start=1300
+  _globals['_OUTCOME']._serialized_end=1399
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1401
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=1465
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=1467
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=1555
+  _globals['_GETROUTINGSTATSREQUEST']._serialized_start=1557
+  _globals['_GETROUTINGSTATSREQUEST']._serialized_end=1581
+  _globals['_SEGMENTSTATS']._serialized_start=1584
+  _globals['_SEGMENTSTATS']._serialized_end=2176
+  _globals['_SEGMENTSTATS_INFERENCESENTRY']._serialized_start=1969
+  _globals['_SEGMENTSTATS_INFERENCESENTRY']._serialized_end=2018
+  _globals['_SEGMENTSTATS_REVENUEENTRY']._serialized_start=2020
+  _globals['_SEGMENTSTATS_REVENUEENTRY']._serialized_end=2066
+  _globals['_SEGMENTSTATS_REVENUEPERINFERENCEENTRY']._serialized_start=2068
+  _globals['_SEGMENTSTATS_REVENUEPERINFERENCEENTRY']._serialized_end=2126
+  _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._serialized_start=2128
+  _globals['_SEGMENTSTATS_COMPUTEMSENTRY']._serialized_end=2176
+  _globals['_GETROUTINGSTATSRESPONSE']._serialized_start=2179
+  _globals['_GETROUTINGSTATSRESPONSE']._serialized_end=2340
+  _globals['_RECOMMENDER']._serialized_start=2436
+  _globals['_RECOMMENDER']._serialized_end=2782
 # @@protoc_insertion_point(module_scope)

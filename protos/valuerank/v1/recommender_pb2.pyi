@@ -85,19 +85,21 @@ class StageTimings(_message.Message):
     def __init__(self, retrieve_ms: _Optional[float] = ..., route_ms: _Optional[float] = ..., score_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class RoutingDecision(_message.Message):
-    __slots__ = ("policy", "reason", "estimated_uplift", "propensity", "segment")
+    __slots__ = ("policy", "reason", "estimated_uplift", "propensity", "segment", "depth")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_UPLIFT_FIELD_NUMBER: _ClassVar[int]
     PROPENSITY_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reason: str
     estimated_uplift: float
     propensity: float
     segment: str
-    def __init__(self, policy: _Optional[str] = ..., reason: _Optional[str] = ..., estimated_uplift: _Optional[float] = ..., propensity: _Optional[float] = ..., segment: _Optional[str] = ..., **kwargs) -> None: ...
+    depth: int
+    def __init__(self, policy: _Optional[str] = ..., reason: _Optional[str] = ..., estimated_uplift: _Optional[float] = ..., propensity: _Optional[float] = ..., segment: _Optional[str] = ..., depth: _Optional[int] = ..., **kwargs) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("request_id", "items", "path", "model_version", "timings", "routing", "num_candidates")
