@@ -33,7 +33,7 @@ import numpy as np
 from dlrm.world import World
 from embeddings.clock import ManualClock
 from loadtest.counterfactual import ScoredLog
-from loadtest.policy_sim import FifoServers, LoadModel
+from loadtest.policy_sim import FifoServers, LoadModel, after_warmup, warm_start_clock
 from serving.domain import Candidates, Decision, Outcome
 from serving.feedback import RoutingFeedback
 from serving.ranking import cheap_order, ranking_keys, top_k
@@ -98,8 +98,7 @@ def depth_curves(
     # One unit with the log: depth K costs the full path's measured mean, depth 0 the cheap one's.
     full_ms, cheap_ms = float(log.cost_ms["full"].mean()), float(log.cost_ms["cheap"].mean())
     scale = full_ms / max(measured[int(grid[-1])], 1e-9)
-    cost = np.array([cheap_ms if m == 0 else cheap_ms + measured[int(m)] * scale for m in grid])
-    cost[-1] = full_ms
+    cost = np.array([cheap_ms] + [cheap_ms + measured[int(m)] * scale for m in grid[1:-1]] + [full_ms])
     return DepthCurves(grid, expected, realised, cost, orders, measured)
 
 
@@ -123,18 +122,13 @@ def _measure(
         feats = [log.features[i] for i in idx]
         full_score(feats, [log.candidates[i] for i in idx])  # rows in cache, as for hot items
         for m in spent:
-            subsets = [_subset(log.candidates[i], orders[i], m) for i in idx]
+            subsets = [log.candidates[i].take(orders[i][:m]) for i in idx]
             full_score(feats, subsets)  # the shapes' first call allocates; the second is timed
             t0 = time.thread_time()
             full_score(feats, subsets)
             spent[m] += time.thread_time() - t0
         counted += len(idx)
     return {m: s * 1000.0 / max(counted, 1) for m, s in spent.items()}
-
-
-def _subset(cands: Candidates, order: np.ndarray, depth: int) -> Candidates:
-    head = order[:depth]
-    return Candidates(cands.item_ids[head], cands.retrieval_scores[head])
 
 
 # -- policies -------------------------------------------------------------------------------
@@ -224,12 +218,12 @@ def run_depth_router(
     warmup: tuple[ScoredLog, DepthCurves, np.ndarray] | None = None,
 ) -> DepthRun:
     """Decide request by request with a fresh depth router, feeding back what a server would."""
-    clock = ManualClock(float(warmup[2][0]) if warmup is not None and len(warmup[0]) else float(times[0]))
+    warm_times = None if warmup is None or not len(warmup[0]) else warmup[2]
+    clock = warm_start_clock(times, warm_times)
     router = make(clock)
-    if warmup is not None and len(warmup[0]):
-        warm_log, warm_curves, warm_times = warmup
-        _drive(router, warm_log, warm_curves, warm_times, clock, load)
-        times = times - times[0] + clock.now() + (warm_times[-1] - warm_times[0]) / max(len(warm_times), 1)
+    if warmup is not None and warm_times is not None:
+        _drive(router, warmup[0], warmup[1], warm_times, clock, load)
+        times = after_warmup(times, warm_times, clock)
     columns, latency, decisions = _drive(router, log, curves, times, clock, load)
     return DepthRun(name, columns, latency, decisions, router.stats())
 
@@ -278,7 +272,7 @@ def _drive(
                 ctx.segment,
                 None,
                 ctx.request,
-                Candidates(cands.item_ids[head], cands.retrieval_scores[head]),
+                cands.take(head),
                 ctx.k,
             )
             scored = log.full_scores[i][head]

@@ -107,17 +107,26 @@ def run_router(
     ``warmup``: a previous day (its scored log and arrival times) the router runs over first,
     so that the replayed day sees a router in its steady state rather than a cold one; only the
     replayed day is measured."""
-    start = float(times[0]) if len(times) else 0.0
-    if warmup is not None and len(warmup[0]):
-        start = float(warmup[1][0])
-    clock = ManualClock(start)
+    warm_times = None if warmup is None or not len(warmup[0]) else warmup[1]
+    clock = warm_start_clock(times, warm_times)
     router = make(clock)
-    if warmup is not None and len(warmup[0]):
-        warm_log, warm_times = warmup
-        _drive(router, warm_log, warm_times, clock, load)
-        times = times - times[0] + clock.now() + (warm_times[-1] - warm_times[0]) / max(len(warm_times), 1)
+    if warmup is not None and warm_times is not None:
+        _drive(router, warmup[0], warm_times, clock, load)
+        times = after_warmup(times, warm_times, clock)
     full, latency, decisions = _drive(router, log, times, clock, load)
     return PolicyRun(name, full, latency, decisions, router.stats())
+
+
+def warm_start_clock(times: np.ndarray, warm_times: np.ndarray | None) -> ManualClock:
+    """The router's clock, at the start of the warm-up day when there is one, else of the day."""
+    if warm_times is not None:
+        return ManualClock(float(warm_times[0]))
+    return ManualClock(float(times[0]) if len(times) else 0.0)
+
+
+def after_warmup(times: np.ndarray, warm_times: np.ndarray, clock: ManualClock) -> np.ndarray:
+    """The replayed day's arrivals moved to start one mean gap after the warm-up day ended."""
+    return times - times[0] + clock.now() + (warm_times[-1] - warm_times[0]) / max(len(warm_times), 1)
 
 
 def _drive(

@@ -67,6 +67,10 @@ class Candidates:
     retrieval_scores: np.ndarray
     """float32 ``K``: user-vector x item-vector inner products."""
 
+    def take(self, indices: np.ndarray) -> Candidates:
+        """The candidates at ``indices``, in that order (a cascade's head: the cheap order's top M)."""
+        return Candidates(self.item_ids[indices], self.retrieval_scores[indices])
+
 
 @dataclass(frozen=True)
 class Decision:

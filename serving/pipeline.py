@@ -217,8 +217,7 @@ class Pipeline:
             # A cascade: the full model re-ranks the cheap order's top ``depth`` (the router
             # learns from them in that order); the slate is the best k of those.
             values = None if self.item_values is None else self.item_values[candidates.item_ids]
-            order = cheap_order(candidates.retrieval_scores, values)[: decision.depth]
-            candidates = Candidates(candidates.item_ids[order], candidates.retrieval_scores[order])
+            candidates = candidates.take(cheap_order(candidates.retrieval_scores, values)[: decision.depth])
             route = dataclasses.replace(route, candidates=candidates)
         self.scorers[decision.path].prefetch(features, candidates)  # e.g. item rows from Redis
         result = await self._score(decision.path, features, candidates)

@@ -113,7 +113,7 @@ def _serve(router: DepthRouter, clock: ManualClock, n: int, rng: np.random.Gener
         router.observe_outcome(ctx.segment, d.path, float(revenue), d.propensity)
         if d.depth:
             head = order[: d.depth]
-            scored = Candidates(ctx.candidates.item_ids[head], ctx.candidates.retrieval_scores[head])
+            scored = ctx.candidates.take(head)
             sub = RouteContext(ctx.request_id, ctx.surface, ctx.segment, None, ctx.request, scored, SLATE)
             router.observe_scored(sub, _full_probs(ctx)[head])
         out.append((ctx, d))

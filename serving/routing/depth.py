@@ -175,7 +175,8 @@ class DepthRouter(Router):
         self._lam = 0.0
         self._since_lambda = 0
         # Recent requests' predicted gain curves ($): what lambda is bisected over.
-        self._recent: deque[tuple[np.ndarray, np.ndarray, str, int]] = deque(maxlen=config.value_window)
+        # (gains, the model fit they came from): a refit makes older curves stale.
+        self._recent: deque[tuple[np.ndarray, int]] = deque(maxlen=config.value_window)
         # Decided requests, until their full scores give labels: features and P(depth >= M) per depth.
         self._pending: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = OrderedDict()
         self._segments: dict[str, DecayingSums] = {}
@@ -235,7 +236,7 @@ class DepthRouter(Router):
                 if eps > 0 and self._rng.random() < eps:
                     j = int(self._rng.integers(n))
                     reason = f"exploration (epsilon {eps}): depth {int(depths[j])}"
-                self._recent.append((gains, costs, ctx.surface, self.models[-1].fits))
+                self._recent.append((gains, self.models[-1].fits))
             depth = int(depths[j])
             # Options that clip to the same depth are one action: their probabilities add up.
             propensity = float(probs[depths == depth].sum())
@@ -274,7 +275,7 @@ class DepthRouter(Router):
             self._lam = 0.0
             return self._lam
         fit = self.models[-1].fits
-        gains = np.stack([g for g, _, _, f in self._recent if f == fit] or [g for g, *_ in self._recent])
+        gains = np.stack([g for g, f in self._recent if f == fit] or [g for g, _ in self._recent])
         costs = self.costs.ms()
         self._lam = _price_for_share(gains, costs, share * costs[-1])
         return self._lam
