@@ -10,8 +10,9 @@ fires) that any answer would be late (DEADLINE_EXCEEDED when it is the request's
 that is too close to meet).
 Otherwise it moves down the ladder as its predicted waits require:
 
-    full      the router chose it and the model batcher's predicted wait fits the budget
-    cheap     the router chose it, or the full path's wait would not fit ("degraded")
+    deep      the router's depth: the model batcher's predicted wait plus that depth's cost fit
+    shallow   a shallower depth that fits after the wait ("shallower"; ``Router.fit_budget``)
+    cheap     the router chose it, or no depth fits after the wait ("degraded")
     fallback  even retrieval's predicted wait would not fit: the segment's top items, no model
 
 so a queue never grows past what can be served within the SLO. The router sees the full path's

@@ -27,9 +27,12 @@ from serving.features import FeatureResolver
 from serving.pipeline import Pipeline
 from serving.ranking import item_values_for
 from serving.revenue.backends import make_tracker
+from serving.revenue.config import RedisTrackerConfig
 from serving.revenue.tracker import RevenueTracker
+from serving.routing.depth import DepthRouter
 from serving.routing.policies import make_router
 from serving.routing.router import Router
+from serving.routing.shared import RedisLearning
 from serving.scoring import CheapScorer, FullScorer, Scorer
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ def build_pipeline(
     }
     if router is None:
         router = make_router(config.router, schema=assets.model.schema, item_values=item_values)
+        share_learning(router, config)
     return Pipeline(
         resolver=FeatureResolver(assets.model.schema, assets.catalog),
         retriever=assets.retriever(scoring.retrieval_value_weight),
@@ -83,6 +87,17 @@ def build_pipeline(
         item_values=item_values,
         on_close=owned,
     )
+
+
+def share_learning(router: Router, config: ServeConfig) -> None:
+    """With a Redis tracker (every ``serve --workers`` group has one), the depth router's gain
+    models learn from all replicas: their statistics are exchanged through that Redis."""
+    tracker = config.tracker
+    if not (isinstance(router, DepthRouter) and isinstance(tracker, RedisTrackerConfig)):
+        return
+    if config.router.depth.share_learning:
+        prefix = tracker.key_prefix + "router:"
+        router.share_through(RedisLearning(tracker.url, prefix, socket_timeout_s=tracker.socket_timeout_s))
 
 
 def full_scorer(

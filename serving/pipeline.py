@@ -158,6 +158,7 @@ class Pipeline:
         if self.decision_log is not None:
             self.decision_log.close()
         await asyncio.get_running_loop().run_in_executor(None, self.tracker.close)
+        self.router.close()
         for release in self._on_close:
             release()
 
@@ -263,9 +264,16 @@ class Pipeline:
         )
 
     def _admit_path(self, decision: Decision, left_s: float, full_wait_s: float) -> Decision:
-        """The router's choice, or the cheap path when the full path's wait would not fit."""
-        if decision.path != "full" or full_wait_s <= left_s:
+        """The ladder: the router's choice; a shallower depth when its own would not fit after the
+        full path's wait (``Router.fit_budget``); the cheap path when none fits."""
+        if decision.path != "full":
             return decision
+        fitted = self.router.fit_budget(decision, left_s - full_wait_s)
+        if fitted is decision:
+            return decision
+        if fitted is not None:
+            self.admission.counts["shallower"] += 1
+            return fitted
         if not self.admission.config.degrade:
             self.admission.counts["refused_full_wait"] += 1
             retry = self.admission.config.retry_after_ms
@@ -333,6 +341,7 @@ class Pipeline:
             await asyncio.sleep(self.admission.config.fallback_refresh_s)
             # Not on the retrieval thread: a refresh there would hold up the requests behind it.
             await loop.run_in_executor(None, self.fallback.refresh)
+            await loop.run_in_executor(None, self.router.share_state)
 
     # -- Score --------------------------------------------------------------------------------
 

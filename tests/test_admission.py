@@ -27,7 +27,9 @@ from serving.edge.servicer import RETRY_PUSHBACK_KEY
 from serving.errors import DeadlineExceeded, InvalidArgument, Overloaded
 from serving.fallback import ALL_SEGMENTS, FallbackSlates
 from serving.pipeline import Pipeline, PipelineConfig
-from serving.routing.config import RouterConfig
+from serving.routing.config import DepthConfig, RouterConfig
+from serving.routing.controller import ControllerConfig
+from serving.routing.depth import DepthCosts, DepthRouter
 
 if TYPE_CHECKING:
     from conftest import ServerThread, ServingFolder
@@ -262,6 +264,53 @@ def test_requests_that_cannot_wait_for_the_full_path_are_degraded_not_queued(
     assert all(r.decision.reason.startswith("degraded: full path wait") for r in results)
     assert all(len(r.item_ids) == 5 for r in results)
     assert stats["admission"]["degraded"] == 4 and stats["admission"]["answered_cheap"] == 4
+
+
+@pytest.mark.integration
+def test_a_deep_request_that_cannot_wait_goes_shallower_before_cheap(serving_assets: ServingFolder) -> None:
+    """The ladder deep -> shallow -> cheap: with a batch running for ~100 ms of a 200 ms budget,
+    a request the depth router sends deep (its depth costs 150 ms) is served at the deepest
+    depth that still fits (50: 1 ms), on the full path."""
+
+    async def scenario() -> tuple[list[Any], dict[str, Any]]:
+        config = ServeConfig(
+            scoring=ScoringConfig(precision="fp32", mlp_precision="fp32"),
+            router=RouterConfig(
+                policy="value_aware", depth=DepthConfig(controller=ControllerConfig(budget_share=1.0))
+            ),
+            pipeline=PipelineConfig(admission=AdmissionConfig(slo_ms=200.0)),
+        )
+        pipeline = build_pipeline(serving_assets.load(), config)
+        try:
+            for i in range(3):
+                await pipeline.recommend(_query(i))
+            router = pipeline.router
+            assert isinstance(router, DepthRouter)
+            router.costs = DepthCosts(router.grid, 1e6)  # what each depth costs here, measured
+            for depth in router.grid[1:]:
+                router.costs.record(depth, 1.0 if depth <= 50 else 150.0)
+            gate = Gate(pipeline.scorers["full"].score_batch)
+            pipeline.scorers["full"].score_batch = gate  # type: ignore[method-assign]
+            batcher = pipeline._batchers["full"]
+            held = asyncio.ensure_future(pipeline.recommend(_query(100)))
+            while not gate.entered.is_set():
+                await asyncio.sleep(0.001)
+            batcher.batch_wall_s, batcher.item_wall_s = 0.1, 0.001
+            asked = [asyncio.ensure_future(pipeline.recommend(_query(200 + i))) for i in range(4)]
+            while sum(pipeline.admission.counts[c] for c in ("shallower", "degraded", "answered_cheap")) < 4:
+                await asyncio.sleep(0.001)  # every request decided (the full path is still held)
+            gate.opened.set()
+            await held
+            return await asyncio.gather(*asked), pipeline.routing_stats()
+        finally:
+            await pipeline.close()
+
+    results, stats = asyncio.run(scenario())
+    shallow = [r for r in results if r.decision.reason.startswith("shallower")]
+    # The cold-start coin sends 99% deep; a request it sent cheap is counted as answered cheap.
+    assert len(shallow) >= 3 and stats["admission"]["shallower"] == len(shallow)
+    assert all(r.path == "full" and r.decision.depth == 50 and len(r.item_ids) == 5 for r in shallow)
+    assert stats["admission"].get("degraded", 0) == 0
 
 
 @pytest.mark.integration

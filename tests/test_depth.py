@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from dlrm.schema import DenseFeature, FeatureSchema, SparseFeature
 from embeddings.clock import ManualClock
 from loadtest.depth_sim import DepthCurves, fixed_column, group_table, oracle_columns, table_columns
-from serving.domain import Candidates, RequestFeatures
+from serving.domain import Candidates, Decision, RequestFeatures
 from serving.ranking import cheap_order, cheap_slate
+from serving.revenue.local_redis import RedisProcess
 from serving.routing.config import DepthConfig
 from serving.routing.controller import ControllerConfig
 from serving.routing.depth import DepthRouter, depth_values
 from serving.routing.router import RouteContext
+from serving.routing.shared import MemoryLearning, RedisLearning
 from serving.routing.uplift import slate_values
 
 SCHEMA = FeatureSchema(
@@ -159,6 +161,79 @@ def test_a_smaller_budget_goes_shallower_and_queueing_never_makes_a_request_deep
             assert busy.depth is not None and calm.depth is not None and busy.depth <= calm.depth
             moved += busy.depth < calm.depth
     assert moved > 0
+
+
+# -- shared learning and admission's ladder -----------------------------------------------------
+
+
+def _predictions(router: DepthRouter, n: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    out = []
+    for i in range(n):
+        ctx = _ctx(20_000 + i, i % 2, 0, rng)
+        assert ctx.request is not None and ctx.candidates is not None
+        ev = -np.sort(-1.0 / (1.0 + np.exp(-ctx.candidates.retrieval_scores.astype(np.float64))))
+        feats = router.featurizer.transform(ctx.request, ctx.candidates, SLATE, ev)
+        out.append([m.predict(*feats) for m in router.models])  # model units: the scale is per replica
+    return np.array(out)
+
+
+def test_a_replica_that_served_nothing_learns_what_a_peer_learnt_through_redis(
+    own_redis_node: RedisProcess,
+) -> None:
+    url = f"redis://{own_redis_node.address}/0"
+    taught, clock = _router(0.5)
+    fresh, _ = _router(0.5)
+    taught.share_through(RedisLearning(url, "t:router:", replica="a"))
+    fresh.share_through(RedisLearning(url, "t:router:", replica="b"))
+    _serve(taught, clock, 1500, np.random.default_rng(4))
+    for m in taught.models:
+        m.refit()
+    assert fresh.labels == 0 and np.all(_predictions(fresh) == 0.0) and np.any(_predictions(taught) != 0.0)
+    taught.share_state()
+    for _ in range(3):  # exchanging again replaces the peers' part: nothing counted twice
+        fresh.share_state()
+        assert fresh.labels == taught.labels > 0
+        # The same system solved from another start (conjugate gradients, 100 steps at most).
+        taught_says = _predictions(taught)
+        np.testing.assert_allclose(_predictions(fresh), taught_says, atol=0.01 * np.abs(taught_says).max())
+    assert fresh.stats()["value_model"]["peers"] == 1
+
+    # The backend gone: the exchange fails quietly and the replica keeps what it had.
+    own_redis_node.kill()
+    before = _predictions(fresh)
+    fresh.share_state()
+    assert fresh.labels == taught.labels and np.array_equal(_predictions(fresh), before)
+    assert fresh.decide(_ctx(1, 0, 0, np.random.default_rng(0))).depth is not None
+
+
+def test_peers_add_their_own_statistics_only() -> None:
+    board: dict[str, bytes] = {}
+    a, clock_a = _router(0.5)
+    b, clock_b = _router(0.5)
+    a.share_through(MemoryLearning(board, "a"))
+    b.share_through(MemoryLearning(board, "b"))
+    _serve(a, clock_a, 800, np.random.default_rng(6))
+    _serve(b, clock_b, 800, np.random.default_rng(7))
+    for _ in range(2):
+        a.share_state()
+        b.share_state()
+    own = a.models[-1].labels + b.models[-1].labels
+    assert a.labels == b.labels == own  # each counts the other's labels once, its own once
+
+
+def test_admission_steps_down_to_the_deepest_depth_that_fits_before_cheap() -> None:
+    router, clock = _router(0.5)
+    _serve(router, clock, 400, np.random.default_rng(8))
+    costs = router.costs.ms()
+    deep = Decision("full", router.name, "test", depth=GRID[-1])
+    assert router.fit_budget(deep, costs[-1] / 1000.0 + 1e-6) is deep
+    budget = costs[2] / 1000.0 + 1e-6  # room for depth GRID[2], not for any deeper one
+    shallow = router.fit_budget(deep, budget)
+    assert shallow is not None and shallow.path == "full"
+    assert shallow.depth == max(m for m, c in zip(GRID, costs, strict=True) if m > 0 and c / 1000.0 <= budget)
+    assert "shallower" in shallow.reason and shallow.propensity == 1.0
+    assert router.fit_budget(deep, costs[1] / 1000.0 * 0.5) is None  # nothing fits: cheap
 
 
 # -- the replay's depth baselines --------------------------------------------------------------

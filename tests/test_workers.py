@@ -117,11 +117,32 @@ def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(workers: Serve
     assert workers.proc.poll() is None
 
 
-def test_sigterm_drains_every_worker_and_exits_zero(serving_assets: Any) -> None:
+def test_value_aware_workers_learn_from_each_other_and_sigterm_drains_every_worker(
+    serving_assets: Any,
+) -> None:
     require_binaries()
-    server = start_serve(serving_assets.model_dir, serving_assets.index_dir, ["--workers", "2"])
-    pids = set(_by_worker(server.target))
-    server.stop()
+    flags = ["--workers", "2", "--policy", "value_aware", "--budget-share", "0.5"]
+    server = start_serve(serving_assets.model_dir, serving_assets.index_dir, flags)
+    try:
+        (pid_a, stub_a), (pid_b, stub_b) = sorted(_by_worker(server.target).items())
+        for i in range(150):  # A serves; B serves one request (its exchange starts with it)
+            rec = pb.RecommendRequest(
+                request_id=f"learn-{i}", user_id=i, surface="ecommerce_recommendation", k=5
+            )
+            (stub_b if i == 0 else stub_a).Recommend(rec, timeout=30)
+
+        def learnt_from_a() -> dict[str, Any] | None:
+            model = _stats(stub_b)["router"]["value_model"]
+            return model if model["peers"] == 1 and model["peer_labels"] > 0 else None
+
+        b_model = _until(learnt_from_a, "worker A's labels in worker B's router")
+        a_model = _stats(stub_a)["router"]["value_model"]
+        assert b_model["shared"] and a_model["shared"]
+        # What B holds of A is A's own labels at some exchange: never more, never counted twice.
+        assert b_model["peer_labels"] <= a_model["labels"] - a_model["peer_labels"]
+        pids = {pid_a, pid_b}
+    finally:
+        server.stop()
     assert server.exit_code == 0
     for pid in pids:  # no orphaned worker left behind
         with pytest.raises(ProcessLookupError):

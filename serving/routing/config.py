@@ -133,6 +133,9 @@ class DepthConfig:
     """Recent requests' predicted gain curves over which lambda is priced."""
     outcome_memory: int = 100_000
     """Recent requests (and outcome keys) remembered to attribute reported outcomes."""
+    share_learning: bool = True
+    """With a Redis tracker, the gain models learn from every replica: each exchanges its
+    statistics through that Redis every few seconds (``serving.routing.shared``)."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """The controller's budget (compute share of always-full), latency target and gains."""
     featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)

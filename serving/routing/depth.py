@@ -23,6 +23,9 @@ For each request the router picks, over a small grid of depths,
   bisection over their predicted curves. Queueing delay raises it (``pressure_ms``), so under load
   every request moves shallower, the lowest-value first.
 
+What the gain models learn is shared by all replicas (``share_through``: the tracker's Redis in
+``serve``): each fits on its own statistics plus the others' (``serving.routing.shared``).
+
 Around that rule: a request with almost no deadline left goes cheap; until the models have
 ``cold_start_labels`` labels a coin sends a request to full depth with the budget's probability
 (full-depth labels train every depth); with probability ``epsilon`` a depth is drawn uniformly
@@ -47,6 +50,7 @@ from serving.ranking import ranking_keys, retrieval_probs, top_k
 from serving.routing.config import DepthConfig
 from serving.routing.controller import LambdaController
 from serving.routing.router import RouteContext, Router
+from serving.routing.shared import SharedLearning, pack, unpack
 from serving.routing.uplift import OnlineRidge, RouteFeaturizer, examination
 from serving.routing.value_parts import DollarScale, OutcomeAttribution
 
@@ -180,10 +184,54 @@ class DepthRouter(Router):
         # Decided requests, until their full scores give labels: features and P(depth >= M) per depth.
         self._pending: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = OrderedDict()
         self._segments: dict[str, DecayingSums] = {}
+        self._learning: SharedLearning | None = None
+        self._peers = 0
 
     @property
     def labels(self) -> int:
-        return self.models[-1].labels if self.models else 0
+        """Full-depth labels behind the gain models: this replica's and its peers'."""
+        return self.models[-1].labels + self.models[-1].peer_labels if self.models else 0
+
+    # -- shared learning ----------------------------------------------------------------------
+
+    def share_through(self, learning: SharedLearning) -> None:
+        self._learning = learning
+
+    def share_state(self) -> None:
+        """Publish the gain models' own statistics, read the other replicas', and refit every
+        model on both (solved outside the lock: decisions go on meanwhile)."""
+        if self._learning is None:
+            return
+        with self._lock:
+            own = [m.export() for m in self.models]
+            labels = np.array([m.labels for m in self.models], dtype=np.int64)
+        blob = pack(
+            {"A": np.stack([a for a, _ in own]), "b": np.stack([b for _, b in own]), "labels": labels}
+        )
+        states = self._learning.exchange(blob)
+        if states is None:
+            return
+        peer_A = np.zeros((len(self.models), self.featurizer.dim, self.featurizer.dim))
+        peer_b = np.zeros((len(self.models), self.featurizer.dim))
+        peer_labels = np.zeros(len(self.models), dtype=np.int64)
+        peers = 0
+        for state in states:
+            arrays = unpack(state)
+            if arrays["A"].shape != peer_A.shape:
+                continue  # another model or grid (a rollout in progress): not comparable
+            peer_A += arrays["A"]
+            peer_b += arrays["b"]
+            peer_labels += arrays["labels"]
+            peers += 1
+        weights = [m.fit_with_peers(peer_A[j], peer_b[j]) for j, m in enumerate(self.models)]
+        with self._lock:
+            for j, m in enumerate(self.models):
+                m.adopt(peer_A[j], peer_b[j], int(peer_labels[j]), weights[j])
+            self._peers = peers
+
+    def close(self) -> None:
+        if self._learning is not None:
+            self._learning.close()
 
     # -- decisions ----------------------------------------------------------------------------
 
@@ -249,6 +297,27 @@ class DepthRouter(Router):
             self.attribution.remember(ctx.request_id, ctx.segment, path, propensity)
             seg.add(now, requests=1.0, **{f"depth_{self.grid[j]}": 1.0})
             return Decision(path, self.name, reason, lam, float(gains[j]), propensity, depth=depth)
+
+    def fit_budget(self, decision: Decision, service_budget_s: float) -> Decision | None:
+        """Deep -> shallow: the decision when its depth's measured cost fits the budget, else the
+        deepest grid depth below it that fits (propensity 1: admission's choice, not the policy's)."""
+        if decision.depth is None or decision.depth <= 0:
+            return decision if service_budget_s >= 0.0 else None
+        with self._lock:
+            costs = self.costs.ms()
+        if costs[self.costs.index(decision.depth)] / 1000.0 <= service_budget_s:
+            return decision
+        for j in range(len(self.grid) - 1, 0, -1):
+            m = self.grid[j]
+            if m < decision.depth and costs[j] / 1000.0 <= service_budget_s:
+                reason = (
+                    f"shallower: depth {decision.depth} would not fit {service_budget_s * 1000.0:.1f} ms"
+                    f" after the queue; depth {m} takes {costs[j]:.2f} ms (router: {decision.reason})"
+                )
+                return Decision(
+                    "full", self.name, reason, decision.lam, decision.estimated_uplift, 1.0, depth=m
+                )
+        return None
 
     def _predict(self, surface: str, feats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
         """Predicted dollars each depth adds over the cheap slate (0 before the first fit)."""
@@ -361,7 +430,13 @@ class DepthRouter(Router):
                 "controller": self.controller.stats(),
                 "budget_use": self.controller.last.get("budget_use", math.nan),
                 "cost_ms": {str(m): float(c) for m, c in zip(self.grid, self.costs.ms(), strict=True)},
-                "value_model": {"labels": self.labels, "fits": self.models[-1].fits if self.models else 0},
+                "value_model": {
+                    "labels": self.labels,
+                    "fits": self.models[-1].fits if self.models else 0,
+                    "peers": self._peers,
+                    "peer_labels": self.models[-1].peer_labels if self.models else 0,
+                    "shared": self._learning is not None,
+                },
                 "segments": segments,
             }
 

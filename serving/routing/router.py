@@ -64,6 +64,20 @@ class Router(ABC):
     def observe_outcomes(self, outcomes: list[Outcome]) -> None:  # noqa: B027
         """Outcomes reported for requests (default: ignore)."""
 
+    def fit_budget(self, decision: Decision, service_budget_s: float) -> Decision | None:
+        """Admission's ladder: ``decision`` itself when its service fits ``service_budget_s``
+        (what the deadline leaves after the full path's queue), else a cheaper full-path decision
+        that fits, else None (the pipeline then serves cheap). Default (a two-path router): the
+        decision while the queue alone fits, else None."""
+        return decision if service_budget_s >= 0.0 else None
+
+    def share_state(self) -> None:  # noqa: B027
+        """Exchange what was learnt with the other replicas (called off the event loop every few
+        seconds; default: nothing shared)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release what the router holds (default: nothing)."""
+
     def stats(self) -> dict[str, Any]:
         return {"policy": self.name}
 

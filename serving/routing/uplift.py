@@ -164,6 +164,11 @@ class OnlineRidge:
         self.labels = 0
         self.fits = 0
         self._since_fit = 0
+        # Other replicas' statistics (``serving.routing.shared``): added to this model's own at
+        # every fit, replaced whole at every exchange, so nothing is counted twice.
+        self._peer_A: np.ndarray | None = None
+        self._peer_b: np.ndarray | None = None
+        self.peer_labels = 0
 
     def add(self, idx: np.ndarray, values: np.ndarray, y: float, weight: float = 1.0) -> None:
         wv = weight * values
@@ -182,7 +187,29 @@ class OnlineRidge:
         self._A *= forget
         self._b *= forget
         self._since_fit = 0
-        self.weights = _pcg(self._A, self.l2, self._b, self.weights, max_iter, tol)
+        A, b = self._A, self._b
+        if self._peer_A is not None and self._peer_b is not None:
+            A, b = A + self._peer_A, b + self._peer_b
+        self.weights = _pcg(A, self.l2, b, self.weights, max_iter, tol)
+        self.fits += 1
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """This model's own statistics (``A``, ``b``), forgotten up to now: what it shares."""
+        forget = self._gamma**self._since_fit
+        return self._A * forget, self._b * forget
+
+    def fit_with_peers(
+        self, A: np.ndarray, b: np.ndarray, max_iter: int = 100, tol: float = 1e-8
+    ) -> np.ndarray:
+        """The weights this model would have with the peers' statistics ``A``, ``b`` added to
+        its own; pure (the caller solves outside its lock, then ``adopt``s)."""
+        own_A, own_b = self.export()
+        return _pcg(own_A + A, self.l2, own_b + b, self.weights, max_iter, tol)
+
+    def adopt(self, A: np.ndarray, b: np.ndarray, labels: int, weights: np.ndarray) -> None:
+        """Take the peers' statistics (replacing the last ones) and the weights fitted with them."""
+        self._peer_A, self._peer_b, self.peer_labels = A, b, labels
+        self.weights = weights
         self.fits += 1
 
     def predict(self, idx: np.ndarray, values: np.ndarray) -> float:
