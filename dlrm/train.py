@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from dlrm import metrics
 from dlrm.artifact import ModelArtifact, config_key, is_complete, load_artifact, save_model
-from dlrm.configs import add_flags
+from dlrm.configs import add_flags, from_flags
 from dlrm.criteo import CriteoConfig, Vocabulary, hash_ids, read_criteo
 from dlrm.data import Rows, dense_input, single_hot_kjt
 from dlrm.distributed import ShardConfig, fit_sharded, follow, leading, shard_config, torchrun_env
@@ -76,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser, ModelConfig)
     add_flags(parser, CriteoConfig)
     add_flags(parser, ShardConfig)
-    # Unset flags stay None, so each source's own defaults apply unless a flag overrides them.
-    unset = {f.name: None for cls in (TrainConfig, ModelConfig, ShardConfig) for f in dataclasses.fields(cls)}
-    parser.set_defaults(**unset)
     args = parser.parse_args(argv)
     progress = not args.json or sys.stderr.isatty()
     try:
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 art = train_criteo(
                     args.criteo,
                     args.artifacts,
-                    criteo=CriteoConfig(holdout=args.holdout, min_count=args.min_count),
+                    criteo=from_flags(CriteoConfig, args),
                     schema=schema,
                     model_config=_override(criteo_model_config(schema), args),
                     train_config=_override(CRITEO_TRAIN, args),

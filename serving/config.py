@@ -69,6 +69,22 @@ class ServeConfig:
     """HTTP port of the Prometheus metrics (``/metrics``; 0 picks a free one); None: no metrics port."""
     metrics_host: str = "127.0.0.1"
     """Interface of the metrics port: localhost unless told otherwise."""
+    tls_cert: str | None = None
+    """PEM certificate chain of the gRPC port; with ``tls_key`` the port speaks TLS only."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: str | None = None
+    """PEM CA certificates: clients must present a certificate one of them signed (mutual TLS)."""
+    admin_token: str | None = None
+    """Bearer token the Admin service (ReloadModel) requires; None: admin calls are refused. Give
+    it as ``VALUERANK_ADMIN_TOKEN`` or in the config file (a flag shows in the process list);
+    ``--print-config`` masks it."""
+    model_watch_dir: str | None = None
+    """Folder of model artifact folders: the newest complete one (by its manifest's time) is
+    loaded and swapped in when it is not the one serving, checked every ``model_watch_s``; a
+    broken one is logged and skipped until it changes. None: no watching."""
+    model_watch_s: float = 5.0
+    """Seconds between looks at ``model_watch_dir``."""
     decision_log: str | None = None
     """Append every routing decision and outcome to this JSONL file (``serving.decision_log``) for
     off-policy evaluation with ``valuerank replay --log``; None: no log."""
@@ -97,3 +113,11 @@ class ServeConfig:
             raise ValueError(f"{self.grace_s=} must be >= 0")
         if self.max_outcomes < 1:
             raise ValueError(f"{self.max_outcomes=} must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"{self.tls_cert=} and {self.tls_key=} go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(f"{self.tls_client_ca=} needs tls_cert and tls_key (mutual TLS is TLS first)")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters")
+        if self.model_watch_s <= 0:
+            raise ValueError(f"{self.model_watch_s=} must be > 0")

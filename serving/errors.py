@@ -8,9 +8,11 @@
     ├── Unavailable          a dependency (Redis, the outcome log) failed; nothing was
     │                        acknowledged, so the caller retries   -> UNAVAILABLE
     ├── DeadlineExceeded     the request's deadline passed         -> DEADLINE_EXCEEDED
-    └── Overloaded           refused at once: not even the fallback
-                             could answer in time; retry after
-                             ``retry_after_ms``                    -> RESOURCE_EXHAUSTED
+    ├── Overloaded           refused at once: not even the fallback
+    │                        could answer in time; retry after
+    │                        ``retry_after_ms``                    -> RESOURCE_EXHAUSTED
+    ├── Unauthenticated      an admin call without the right token -> UNAUTHENTICATED
+    └── PermissionDenied     admin calls are off (no token set)    -> PERMISSION_DENIED
 """
 
 from __future__ import annotations
@@ -45,3 +47,11 @@ class Overloaded(ValuerankError):
     def __init__(self, message: str, retry_after_ms: int) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class Unauthenticated(ValuerankError):
+    """An admin call without the bearer token the server was started with."""
+
+
+class PermissionDenied(ValuerankError):
+    """Admin calls are disabled: the server has no admin token."""

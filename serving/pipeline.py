@@ -126,7 +126,7 @@ class Pipeline:
         for path, scorer in scorers.items():
             if not scorer.inline:
                 self._batchers[path] = MicroBatcher(
-                    _batch_fn(scorer),
+                    self._batch_fn(path),
                     self._model_pool,
                     max_batch_size=config.max_batch_size,
                     timeout_s=config.batch_timeout_ms / 1000.0,
@@ -343,6 +343,22 @@ class Pipeline:
             await loop.run_in_executor(None, self.fallback.refresh)
             await loop.run_in_executor(None, self.router.share_state)
 
+    def _batch_fn(self, path: Path_) -> Callable[[list[ScoreJob]], list[np.ndarray]]:
+        def run(jobs: list[ScoreJob]) -> list[np.ndarray]:
+            # The scorer is looked up per batch: a model swap takes effect at the next batch.
+            return self.scorers[path].score_batch([j[0] for j in jobs], [j[1] for j in jobs])
+
+        return run
+
+    def swap_full_model(self, scorer: Scorer, model_version: str) -> str:
+        """Serve ``scorer`` as the full path from the next batch on (call on the event loop:
+        the swap is then atomic for every request); returns the previous version. The old
+        scorer is closed on the model thread, after the batch it may be running."""
+        old, previous = self.scorers["full"], self.model_version
+        self.scorers["full"], self.model_version = scorer, model_version
+        self._model_pool.submit(old.close)
+        return previous
+
     # -- Score --------------------------------------------------------------------------------
 
     async def score(self, query: Query, path: Path_ = "full") -> ScoreResult:
@@ -406,10 +422,3 @@ class Pipeline:
     def _check_deadline(self, query: Query) -> None:
         if query.deadline is not None and self.clock.now() >= query.deadline:
             raise DeadlineExceeded(f"deadline passed before scoring request {query.request_id}")
-
-
-def _batch_fn(scorer: Scorer) -> Any:
-    def run(jobs: list[ScoreJob]) -> list[np.ndarray]:
-        return scorer.score_batch([j[0] for j in jobs], [j[1] for j in jobs])
-
-    return run

@@ -6,6 +6,7 @@ import asyncio
 import json
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -128,6 +129,18 @@ class ServerThread:
         self._started.put(self.server.port)
         await self._stop.wait()
         await self.server.stop()
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout_s: float = READY_TIMEOUT_S) -> Any:
+    """Poll ``check`` until it returns something truthy (returned), or fail naming ``what``: for
+    state another process changes (a worker restarted, a model swapped), with no event to wait on."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)  # spaces out the polls; the loop ends on the condition, not the pause
+    raise AssertionError(f"{what} not seen within {timeout_s:.0f} s")
 
 
 def wait_serving(target: str, service: str = "", timeout: float = READY_TIMEOUT_S) -> None:

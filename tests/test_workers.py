@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
+from conftest import wait_until
 
 from loadtest.live.servers import ServerProcess, start_serve
 from protos.valuerank.v1 import recommender_pb2 as pb
@@ -54,16 +54,6 @@ def _by_worker(target: str, n: int = CONNECTIONS) -> dict[int, pb_grpc.Recommend
     return found
 
 
-def _until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)  # spaces out the polls; the loop ends on the condition, not the pause
-    raise AssertionError(f"{what} not seen within {WAIT_S:.0f} s")
-
-
 def _inferences(stats: dict[str, Any]) -> float:
     return sum(cell["inferences"] for paths in stats["segments"].values() for cell in paths.values())
 
@@ -83,7 +73,8 @@ def test_an_outcome_reported_to_the_other_worker_counts_once(workers: ServerProc
     rec = pb.RecommendRequest(request_id="w-shared-1", user_id=3, surface="ecommerce_recommendation", k=5)
     assert len(stub_a.Recommend(rec, timeout=30).items) == 5
     # Worker A sends its inference to the shared Redis in the background; B sees it there.
-    _until(lambda: _inferences(_stats(stub_b)) >= before + 1, "worker A's inference in worker B's stats")
+    seen_by_b = lambda: _inferences(_stats(stub_b)) >= before + 1  # noqa: E731
+    wait_until(seen_by_b, "worker A's inference in worker B's stats", timeout_s=WAIT_S)
     batch = pb.ReportOutcomesRequest(
         outcomes=[
             pb.Outcome(request_id="w-shared-1", item_id=1, event=pb.EVENT_CLICK),
@@ -112,7 +103,7 @@ def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(workers: Serve
         except grpc.RpcError:  # a connection queued on the killed worker's socket is reset
             return set()
 
-    restarted = _until(new_workers, "a restarted worker")
+    restarted = wait_until(new_workers, "a restarted worker", timeout_s=WAIT_S)
     assert len(restarted) == 1
     assert workers.proc.poll() is None
 
@@ -135,7 +126,7 @@ def test_value_aware_workers_learn_from_each_other_and_sigterm_drains_every_work
             model = _stats(stub_b)["router"]["value_model"]
             return model if model["peers"] == 1 and model["peer_labels"] > 0 else None
 
-        b_model = _until(learnt_from_a, "worker A's labels in worker B's router")
+        b_model = wait_until(learnt_from_a, "worker A's labels in worker B's router", timeout_s=WAIT_S)
         a_model = _stats(stub_a)["router"]["value_model"]
         assert b_model["shared"] and a_model["shared"]
         # What B holds of A is A's own labels at some exchange: never more, never counted twice.

@@ -32,6 +32,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +80,9 @@ class LoadConfig:
     """Report outcomes drawn from the world's ground truth for every shown slate."""
     outcome_batch_ms: float = 100.0
     """Outcomes are sent in one ReportOutcomes call per this many milliseconds."""
+    outcome_retry_s: float = 30.0
+    """How long a refused ReportOutcomes (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is
+    retried, with backoff up to 1 s, before its outcomes count as failed."""
     request_start: bool = False
     """Send ``x-request-start`` (the send time) with each call, so the server spends the time a call
     queued before it saw it from the SLO and refuses calls that queued past it. Off by default: on
@@ -108,6 +112,8 @@ class LoadConfig:
             raise ValueError(f"{self.peak=} must be in [1, 100]")
         if self.arrivals not in ("poisson", "constant"):
             raise ValueError(f"{self.arrivals=} must be poisson or constant")
+        if self.outcome_retry_s < 0:
+            raise ValueError(f"{self.outcome_retry_s=} must be >= 0")
         if self.deadline_ms <= 0 or self.outcome_batch_ms <= 0:
             raise ValueError(f"{self.deadline_ms=} and {self.outcome_batch_ms=} must be > 0")
         if not 1 <= self.k <= self.candidates <= 10_000:
@@ -189,20 +195,29 @@ class LoadWorkers:
         start_at = time.time() + 0.2
         for commands in self._commands:
             commands.put(("start", start_at))
+        samples: list[tuple[float, dict[str, Any]]] = []
         parts = self._collect(
             "report",
             timeout_s=stage.duration + 3 * stage.deadline_ms / 1000.0 + 120.0,
             progress=(stage, start_at, label) if progress else None,
+            sample=lambda: _sample_server(stage.target, start_at, samples),
         )
         after = _server_process_stats(stage.target)
-        return merge(stage, parts, before, after)
+        return merge(stage, parts, before, after, samples)
 
     def _collect(
-        self, kind: str, timeout_s: float, progress: tuple[LoadConfig, float, str] | None = None
+        self,
+        kind: str,
+        timeout_s: float,
+        progress: tuple[LoadConfig, float, str] | None = None,
+        sample: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
+        """Wait for every worker's ``kind`` message, printing progress and calling ``sample``
+        (the server's resident memory) every ``SAMPLE_S`` meanwhile."""
         parts: list[dict[str, Any]] = []
         deadline = time.time() + timeout_s
         last = 0.0
+        sampled = 0.0
         while len(parts) < self.processes:
             with contextlib.suppress(queue.Empty):  # nothing yet: report progress
                 part = self._results.get(timeout=0.5)
@@ -214,6 +229,9 @@ class LoadWorkers:
                 raise RuntimeError(f"a load worker exited (code {dead[0]}) before its {kind!r} message")
             if time.time() > deadline:
                 raise TimeoutError(f"load workers sent no {kind!r} message within {timeout_s:.0f} s")
+            if sample is not None and time.time() - sampled >= SAMPLE_S:
+                sampled = time.time()
+                sample()
             if progress is not None:
                 stage, start_at, label = progress
                 elapsed = time.time() - start_at
@@ -227,6 +245,16 @@ class LoadWorkers:
                         flush=True,
                     )
         return parts
+
+
+SAMPLE_S = 5.0
+"""Seconds between samples of the server's resident memory during a stage."""
+
+
+def _sample_server(target: str, start_at: float, samples: list[tuple[float, dict[str, Any]]]) -> None:
+    stats = _server_process_stats(target)
+    if stats is not None and time.time() >= start_at:
+        samples.append((time.time() - start_at, stats))
 
 
 def _server_process_stats(target: str) -> dict[str, Any] | None:
@@ -415,20 +443,25 @@ class _Run:
         for start in range(0, len(values.outcomes), OUTCOMES_PER_CALL):
             await self._send(values.outcomes[start : start + OUTCOMES_PER_CALL])
 
-    async def _send(self, outcomes: list[Any], attempts: int = 6) -> None:
+    async def _send(self, outcomes: list[Any]) -> None:
+        """Until acknowledged, or ``outcome_retry_s`` has passed: an outage of the tracker (a Redis
+        restart) is ridden out, and the tracker's dedupe makes every resend safe."""
         import grpc
 
-        for attempt in range(attempts):
+        give_up = time.monotonic() + self.stage.outcome_retry_s
+        attempt = 0
+        while True:
             try:
                 client = self.clients[attempt % len(self.clients)]  # a retry may reach another worker
                 report = await client.report_outcomes(outcomes, timeout_s=5.0)
             except grpc.aio.AioRpcError as exc:
                 self.outcome_counts[f"refused_{exc.code().name}"] += len(outcomes)
-                if exc.code().name not in RETRIED_CODES or attempt == attempts - 1:
+                if exc.code().name not in RETRIED_CODES or time.monotonic() >= give_up:
                     self.outcome_counts["failed"] += len(outcomes)
                     return
                 self.outcome_counts["retried"] += len(outcomes)
-                await asyncio.sleep(0.05 * 2**attempt)
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+                attempt += 1
             else:
                 self.outcome_counts["accepted"] += report.accepted
                 self.outcome_counts["duplicates"] += report.duplicates

@@ -29,8 +29,10 @@ def merge(
     parts: list[dict[str, Any]],
     server_before: dict[str, Any] | None = None,
     server_after: dict[str, Any] | None = None,
+    server_samples: list[tuple[float, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """One report from the workers' parts (histograms added, arrays joined, counters summed)."""
+    """One report from the workers' parts (histograms added, arrays joined, counters summed);
+    ``server_samples``: (seconds into the run, the server's ``process`` stats) taken during it."""
     histogram = HdrHistogram(1, MAX_LATENCY_US, 3)
     refused = HdrHistogram(1, MAX_LATENCY_US, 3)
     outcomes: Counter[str] = Counter()
@@ -71,8 +73,38 @@ def merge(
             "kept_up": late <= KEPT_UP_LATE_SHARE * max(offered, 1),
         },
         "series": _series(joined, duration),
+        "stability": _stability(joined, duration, server_samples or []),
     }
     return report
+
+
+def _stability(
+    joined: dict[str, np.ndarray], duration: float, samples: list[tuple[float, dict[str, Any]]]
+) -> dict[str, Any]:
+    """What a soak is judged by: p99 of the first and last window (a minute, or a quarter of a
+    shorter run) after a warm-up of the same length, and the server's resident memory from the
+    end of that warm-up to the end (``growth``: their ratio - 1)."""
+    window = min(60.0, duration / 4.0)
+    ok = (joined["path"] != "") & (joined["error"] == "")
+    offsets, latency = joined["offsets"], joined["latency_ms"]
+
+    def p99(lo: float, hi: float) -> float | None:
+        rows = ok & (offsets >= lo) & (offsets < hi)
+        return float(np.percentile(latency[rows], 99)) if rows.any() else None
+
+    first, last = p99(window, 2 * window), p99(duration - window, duration)
+    rss = [(t, int(s.get("rss_bytes", 0))) for t, s in samples if s.get("rss_bytes")]
+    warm = [b for t, b in rss if t >= window]
+    out: dict[str, Any] = {
+        "window_s": window,
+        "p99_first_ms": first,
+        "p99_last_ms": last,
+        "p99_last_over_first": last / first if first and last else None,
+        "rss_samples": rss,
+    }
+    if warm:
+        out |= {"rss_after_warmup": warm[0], "rss_end": warm[-1], "rss_growth": warm[-1] / warm[0] - 1.0}
+    return out
 
 
 _ARRAYS = ("offsets", "latency_ms", "path", "error", "surface", "expected", "realised")
@@ -153,6 +185,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"(max {gen['max_lag_ms']:.1f} ms)"
         + ("" if gen["kept_up"] else "  -- it did NOT keep up with the offered rate"),
     ]
+    st = report.get("stability", {})
+    if st.get("p99_last_over_first") is not None:
+        line = (
+            f"stability: p99 {st['p99_first_ms']:.1f} ms in the first {st['window_s']:.0f} s after warm-up,"
+            f" {st['p99_last_ms']:.1f} ms in the last (x{st['p99_last_over_first']:.2f})"
+        )
+        if "rss_growth" in st:
+            line += (
+                f"; server resident {st['rss_after_warmup'] / 2**20:.0f} -> {st['rss_end'] / 2**20:.0f} MiB"
+                f" ({st['rss_growth']:+.1%})"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -8,6 +8,12 @@ server gracefully: health NOT_SERVING, in-flight calls finish within ``--grace-s
 ``--workers N`` runs N server processes on the port (``serving.edge.workers``).
 ``--item-store-config store.json`` serves the item-side embeddings from the Redis tier (pushed
 first by ``valuerank embeddings push``); GetRoutingStats then reports the store's counters.
+
+Every setting comes from, in rising precedence: ``--config FILE`` (JSON, or TOML by its suffix:
+the nested ``ServeConfig`` tree, e.g. ``{"port": 50052, "router": {"policy": "value_aware"},
+"tracker": {"type": "redis", "url": "redis://..."}}``), environment variables named after the
+flags (``VALUERANK_BUDGET_SHARE=0.3``), then the flags. ``--print-config`` prints the effective
+configuration as JSON and exits.
 """
 
 from __future__ import annotations
@@ -16,22 +22,24 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faiss
 
-from dlrm.configs import add_flags, from_flags
+from dlrm.configs import add_flags, apply_env, config_from_tree, config_to_tree, from_flags
 from dlrm.train import train_world
 from dlrm.world import WorldConfig
-from embeddings.store_registry import load_store_config
+from embeddings.store_registry import load_store_config, store_config_from_dict
 from serving.assets import ServingAssets
 from serving.config import ServeConfig
 from serving.edge.server import start_server
-from serving.revenue.backends import load_tracker_config
+from serving.revenue.backends import load_tracker_config, tracker_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--item-store-config", type=Path, default=None, help="item-side embedding store config file (JSON)"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (JSON, or TOML by suffix): the ServeConfig tree",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the effective config (JSON), exit")
     add_flags(parser, ServeConfig)
     args = parser.parse_args(argv)
     if (args.model is None) != (args.index is None):
         parser.error("--model and --index go together (or give neither, to use --artifacts)")
     try:
-        files: dict[str, Any] = {}  # a bad file fails now, not once the model has loaded
-        if args.tracker_config is not None:
-            files["tracker"] = load_tracker_config(args.tracker_config)
-        if args.item_store_config is not None:
-            files["item_store"] = load_store_config(args.item_store_config)
-        config = from_flags(ServeConfig, args, **files)
+        config = effective_config(parser, args, os.environ)  # a bad file fails now, not once loaded
         world = None if args.model is not None else WorldConfig.load(args.world)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+    except (ValueError, FileNotFoundError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(json.dumps(config_to_tree(config, secret=_is_secret), indent=2))
+        return 0
     # The root logger may have a handler already (torch installs one): then only our level is set.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(args.log_level.upper())
@@ -83,6 +96,33 @@ def main(argv: list[str] | None = None) -> int:
         return _world_assets(world, args.artifacts)
 
     return asyncio.run(_serve(load, config))
+
+
+def effective_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
+) -> ServeConfig:
+    """The config file, then the environment, then the flags (each overriding the one before);
+    ``--tracker-config`` / ``--item-store-config`` files replace the config file's sections."""
+    base = ServeConfig()
+    if args.config is not None:
+        text = args.config.read_text()
+        raw = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
+        backends: dict[str, Callable[[Any], Any]] = {
+            "tracker": tracker_config_from_dict,
+            "item_store": store_config_from_dict,
+        }
+        base = config_from_tree(ServeConfig, raw, f"config file {args.config}", backends)
+    apply_env(parser, args, environ)
+    files: dict[str, Any] = {}
+    if args.tracker_config is not None:
+        files["tracker"] = load_tracker_config(args.tracker_config)
+    if args.item_store_config is not None:
+        files["item_store"] = load_store_config(args.item_store_config)
+    return from_flags(ServeConfig, args, base=base, **files)
+
+
+def _is_secret(name: str) -> bool:
+    return "token" in name or "password" in name
 
 
 async def _serve(load: Callable[[], ServingAssets], config: ServeConfig) -> int:

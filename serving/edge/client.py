@@ -13,13 +13,32 @@ import grpc
 
 from serving.domain import Outcome, OutcomeReport, Path_, Query, Recommendation, ScoreResult, SlateReply
 from serving.edge import convert
-from serving.edge.servicer import RECOMMEND_METHOD, stub
+from serving.edge.servicer import RECOMMEND_METHOD, SERVICE_NAME, stub
+
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE_NAME}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.02s",
+                "maxBackoff": "0.3s",
+                "backoffMultiplier": 3,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+"""What a caller does when a server process dies or drains under it: retry UNAVAILABLE a few
+times, quickly (the reconnect lands on another worker of the port). Every call is safe to retry:
+outcomes are idempotent, and a Recommend only serves again."""
 
 
 class RecommenderClient:
     def __init__(self, target: str, options: list[tuple[str, Any]] | None = None) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+        retries = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))]
+        self._channel = grpc.aio.insecure_channel(target, options=[*retries, *(options or [])])
         self._stub = stub(self._channel)
         # Pre-encoded requests in, slates out: the load generator's lean path (bytes pass through).
         self._recommend_encoded = self._channel.unary_unary(
@@ -57,6 +76,19 @@ class RecommenderClient:
     async def report_outcomes(self, outcomes: list[Outcome], timeout_s: float | None = None) -> OutcomeReport:
         resp = await self._stub.ReportOutcomes(convert.outcomes_request(outcomes), timeout=timeout_s)
         return convert.outcome_report(resp)
+
+    async def reload_model(
+        self, token: str, model_dir: str | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Admin.ReloadModel (``model_dir`` None: the served folder again) with the bearer ``token``."""
+        from serving.edge.admin import admin_stub
+
+        resp = await admin_stub(self._channel).ReloadModel(
+            convert.reload_request(model_dir),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=timeout_s,
+        )
+        return convert.reload_reply(resp)
 
     async def routing_stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The server's full routing snapshot (the response's ``json`` field, parsed)."""

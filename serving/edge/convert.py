@@ -410,3 +410,17 @@ def to_json(message: Any) -> str:
 
 def routing_stats_request() -> pb.GetRoutingStatsRequest:
     return pb.GetRoutingStatsRequest()
+
+
+def reload_request(model_dir: str | None) -> pb.ReloadModelRequest:
+    return pb.ReloadModelRequest(model_dir=model_dir or "")
+
+
+def reload_reply(resp: pb.ReloadModelResponse) -> dict[str, Any]:
+    return {
+        "model_version": resp.model_version,
+        "previous_version": resp.previous_version,
+        "load_s": resp.load_seconds,
+        "steady_rss_bytes": resp.steady_rss_bytes,
+        "peak_rss_bytes": resp.peak_rss_bytes,
+    }

@@ -14,15 +14,16 @@ SUPERVISOR_ENV = "VALUERANK_SUPERVISOR_PID"
 
 
 def process_stats() -> dict[str, Any]:
-    """The ``process`` section of GetRoutingStats: CPU seconds of this server, or of every worker
-    of its supervisor (and the supervisor) under ``serve --workers N``."""
+    """The ``process`` section of GetRoutingStats: CPU seconds and resident bytes of this server,
+    or of every worker of its supervisor (and the supervisor) under ``serve --workers N``."""
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if not supervisor:
-        return {"pid": os.getpid(), "cpu_s": time.process_time()}
+        return {"pid": os.getpid(), "cpu_s": time.process_time(), "rss_bytes": _rss_bytes(os.getpid())}
     pids = [int(supervisor), *_children(int(supervisor))]
     return {
         "pid": int(supervisor),
         "cpu_s": sum(_cpu_s(pid) for pid in pids),
+        "rss_bytes": sum(_rss_bytes(pid) for pid in pids),
         "worker_pid": os.getpid(),
         "processes": len(pids),
     }
@@ -46,3 +47,15 @@ def _cpu_s(pid: int) -> float:
         return 0.0
     # After the command's closing parenthesis: state is field 3, utime 14 and stime 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_bytes(pid: int) -> int:
+    """Resident bytes of one process (0 once it is gone, or off Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,12 +1,14 @@
 """The gRPC servicer: convert, call the pipeline, convert back. Nothing else happens here.
 
-Domain errors become status codes in one place, ``_status_errors``::
+Domain errors become status codes in one place, ``status_errors``::
 
     InvalidArgument   -> INVALID_ARGUMENT   (message names the field)
     NotReady          -> UNAVAILABLE        (model or index still loading)
     Unavailable       -> UNAVAILABLE        (a backing store failed; nothing acknowledged, retry)
     DeadlineExceeded  -> DEADLINE_EXCEEDED
     Overloaded        -> RESOURCE_EXHAUSTED (trailer ``grpc-retry-pushback-ms``: when to retry)
+    Unauthenticated   -> UNAUTHENTICATED    (admin calls: ``serving.edge.admin``)
+    PermissionDenied  -> PERMISSION_DENIED
     anything else     -> INTERNAL           (logged with its traceback; the server keeps serving)
 
 Until the server hands it a pipeline (``set_pipeline``) every call answers UNAVAILABLE.
@@ -26,7 +28,15 @@ from protos.valuerank.v1 import recommender_pb2_grpc as pb_grpc
 from serving.domain import Recommendation
 from serving.edge import convert
 from serving.edge.process import process_stats
-from serving.errors import DeadlineExceeded, InvalidArgument, NotReady, Overloaded, Unavailable
+from serving.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotReady,
+    Overloaded,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from serving.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -41,6 +51,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """Trailer of a RESOURCE_EXHAUSTED answer: milliseconds the caller should wait before retrying
@@ -51,7 +63,7 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
-def _status_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+def status_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Map exceptions raised by a handler to gRPC status codes (see the module docstring)."""
 
     @functools.wraps(method)
@@ -82,7 +94,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def set_pipeline(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
-    @_status_errors
+    @status_errors
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
@@ -91,13 +103,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         query = convert.recommend_query(request, _deadline(pipeline, context), start)
         return convert.recommend_response(await pipeline.recommend(query))
 
-    @_status_errors
+    @status_errors
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         pipeline = self._ready()
         query, path = convert.score_query(request, _deadline(pipeline, context))
         return convert.score_response(await pipeline.score(query, path))
 
-    @_status_errors
+    @status_errors
     async def ReportOutcomes(
         self, request: pb.ReportOutcomesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReportOutcomesResponse:
@@ -105,7 +117,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         report = await pipeline.report_outcomes(convert.outcomes(request, self.max_outcomes))
         return convert.outcomes_response(report)
 
-    @_status_errors
+    @status_errors
     async def GetRoutingStats(
         self, request: pb.GetRoutingStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRoutingStatsResponse:

@@ -18,6 +18,26 @@ EVENT_IMPRESSION: Event
 EVENT_CLICK: Event
 EVENT_CONVERSION: Event
 
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model_dir",)
+    MODEL_DIR_FIELD_NUMBER: _ClassVar[int]
+    model_dir: str
+    def __init__(self, model_dir: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model_version", "previous_version", "load_seconds", "steady_rss_bytes", "peak_rss_bytes")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEADY_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    previous_version: str
+    load_seconds: float
+    steady_rss_bytes: int
+    peak_rss_bytes: int
+    def __init__(self, model_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., load_seconds: _Optional[float] = ..., steady_rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+
 class Context(_message.Message):
     __slots__ = ("sparse", "dense")
     class SparseEntry(_message.Message):

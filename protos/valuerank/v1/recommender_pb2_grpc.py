@@ -234,3 +234,87 @@ class Recommender:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operations that change the server's state (other than outcomes). Every call needs the
+    metadata `authorization: Bearer <token>` with the token the server was started with
+    (`VALUERANK_ADMIN_TOKEN`); without one configured, admin calls are refused.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReloadModel = channel.unary_unary(
+                '/valuerank.v1.Admin/ReloadModel',
+                request_serializer=protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operations that change the server's state (other than outcomes). Every call needs the
+    metadata `authorization: Bearer <token>` with the token the server was started with
+    (`VALUERANK_ADMIN_TOKEN`); without one configured, admin calls are refused.
+    """
+
+    def ReloadModel(self, request, context):
+        """Load a model artifact folder in the background and swap it in atomically: responses
+        carry its version from the swap on. A broken or incompatible artifact is refused
+        (INVALID_ARGUMENT naming model_dir) and the serving model keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelRequest.FromString,
+                    response_serializer=protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'valuerank.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('valuerank.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operations that change the server's state (other than outcomes). Every call needs the
+    metadata `authorization: Bearer <token>` with the token the server was started with
+    (`VALUERANK_ADMIN_TOKEN`); without one configured, admin calls are refused.
+    """
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/valuerank.v1.Admin/ReloadModel',
+            protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+            protos_dot_valuerank_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
